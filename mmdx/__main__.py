@@ -1,0 +1,3 @@
+from mmdx.cli import main
+
+main()

@@ -1,0 +1,59 @@
+"""Command-line interface: thin wrappers that parse options and call library functions.
+
+Modules under ``mmdx.cli`` import click and the standard library only at the
+top; TensorFlow and torch are imported inside the library functions that
+need them, so ``mmdx --help`` and ``mmdx train-head`` start fast.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import click
+
+from mmdx import __version__
+from mmdx.errors import MmdxError
+
+__all__ = ["main", "report_errors"]
+
+
+def report_errors(function):
+    """Turn ``MmdxError`` into a one-line ``Error:`` message and exit status 1."""
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        try:
+            return function(*args, **kwargs)
+        except MmdxError as exc:
+            raise click.ClickException(str(exc)) from exc
+        except KeyboardInterrupt:
+            raise click.ClickException("interrupted; every batch committed before the interrupt is kept") from None
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="mmdx")
+@click.option("-v", "--verbose", count=True, help="Log more: -v for info, -vv for debug.")
+def main(verbose: int) -> None:
+    """Multimodal diagnosis research: embed MR images and clinical text once, train heads often."""
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+@main.group()
+def embed() -> None:
+    """Run an encoder over images or texts and store the vectors."""
+
+
+def _register() -> None:
+    from mmdx.cli import embed_images, embed_texts, store, train
+
+    embed.add_command(embed_images.images)
+    embed.add_command(embed_texts.texts)
+    main.add_command(train.train_head)
+    main.add_command(store.store)
+
+
+_register()

@@ -1,0 +1,177 @@
+"""The loop shared by every embed command: skip stored items, encode, commit per batch.
+
+An item is stored under the key (patient ID, item, view) with the SHA-256
+of its content. Items whose key is stored with the same hash are skipped, so
+re-running a command embeds only new or changed items. Each batch is
+committed on its own, so a killed run keeps every finished batch, and the
+re-run plans its batches over the remaining items in the same order, which
+reproduces the batches of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+
+from mmdx.errors import InputError
+from mmdx.store import FeatureStore, SetHeader
+
+__all__ = ["EmbedReport", "Item", "ItemFailure", "embed_items", "sha256_bytes", "sha256_text", "fixed_size_batches"]
+
+logger = logging.getLogger(__name__)
+
+ON_ERROR_CHOICES = ("fail", "skip")
+
+
+@dataclass
+class Item:
+    """One thing to embed: an image file (or one slice or view of it) or one text row."""
+
+    patient_id: str
+    name: str  # image path as given, or "row N" of a text source
+    content_hash: str
+    view: int = 0
+    payload: Any = None  # what the encoder needs: a path, a text, a slice index
+
+    @property
+    def key(self) -> tuple[str, str, int]:
+        return (self.patient_id, self.name, self.view)
+
+
+@dataclass
+class ItemFailure:
+    """An item that could not be embedded, with the reason in the user's words."""
+
+    item: Item
+    reason: str
+
+
+@dataclass
+class EmbedReport:
+    """What an embed run did, for the CLI summary and for tests."""
+
+    store: str
+    feature_set: str
+    width: int
+    n_items: int = 0
+    n_already_stored: int = 0
+    n_embedded: int = 0
+    failures: list[ItemFailure] = field(default_factory=list)
+    rejects_path: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def n_failed(self) -> int:
+        return len(self.failures)
+
+    def summary(self) -> str:
+        text = (
+            f"{self.feature_set}: {self.n_items} items, {self.n_embedded} embedded, "
+            f"{self.n_already_stored} already stored, {self.n_failed} failed (width {self.width}, store {self.store})"
+        )
+        for key, value in self.extra.items():
+            text += f"; {key.replace('_', ' ')}: {value}"
+        if self.rejects_path:
+            text += f"; rejected items listed in {self.rejects_path}"
+        return text
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def fixed_size_batches(items: list[Item], batch_size: int) -> list[list[Item]]:
+    return [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
+
+
+EncodeFn = Callable[[list[list[Item]]], Iterator[tuple[list[Item], np.ndarray, list[ItemFailure]]]]
+
+
+def embed_items(
+    store: FeatureStore,
+    header: SetHeader,
+    items: list[Item],
+    plan: Callable[[list[Item]], list[list[Item]]],
+    encode: EncodeFn,
+    *,
+    on_error: str = "fail",
+    rejects_path: str | Path | None = None,
+    progress_label: str = "embedding",
+    quiet: bool = False,
+) -> EmbedReport:
+    """Embed the items not yet stored and commit them batch by batch.
+
+    ``plan`` groups the remaining items into batches. ``encode`` takes those
+    batches and yields, per batch, the items it embedded, their vectors (one
+    row each, same order) and the items it could not embed; it may prefetch.
+    With ``on_error="fail"`` the first failure raises ``InputError`` after the
+    batches before it are committed; with ``"skip"`` failures are counted,
+    logged and written to ``rejects_path`` (CSV), and the run goes on.
+    """
+    from tqdm.auto import tqdm
+
+    if on_error not in ON_ERROR_CHOICES:
+        raise InputError(f"--on-error must be one of {', '.join(ON_ERROR_CHOICES)}, got {on_error!r}")
+    keys = [item.key for item in items]
+    if len(set(keys)) != len(keys):
+        seen, repeated = set(), None
+        for key in keys:
+            if key in seen:
+                repeated = key
+                break
+            seen.add(key)
+        raise InputError(f"patient {repeated[0]!r}: item {repeated[1]!r} appears twice in the input; remove the duplicate")
+
+    report = EmbedReport(store=str(store.path), feature_set=header.name, width=header.width, n_items=len(items))
+    stored = store.item_hashes(header.name)
+    todo = [item for item in items if stored.get(item.key) != item.content_hash]
+    report.n_already_stored = len(items) - len(todo)
+    if report.n_already_stored:
+        logger.info("%s: %d of %d items already stored, skipped", header.name, report.n_already_stored, len(items))
+
+    with tqdm(total=len(todo), desc=progress_label, unit="item", disable=quiet or not todo) as bar:
+        for done, vectors, failures in encode(plan(todo)):
+            for failure in failures:
+                if on_error == "fail":
+                    raise InputError(
+                        f"patient {failure.item.patient_id!r}, {failure.item.name}: {failure.reason} "
+                        "(nothing from this batch was stored; fix or remove the item, or pass --on-error skip)"
+                    )
+                logger.warning("skipped patient %r, %s: %s", failure.item.patient_id, failure.item.name, failure.reason)
+            report.failures.extend(failures)
+            if done:
+                store.commit(
+                    header,
+                    [item.patient_id for item in done],
+                    [item.name for item in done],
+                    [item.content_hash for item in done],
+                    vectors,
+                    [item.view for item in done],
+                )
+                report.n_embedded += len(done)
+            bar.update(len(done) + len(failures))
+
+    if report.failures and rejects_path is not None:
+        report.rejects_path = str(write_rejects(report.failures, Path(rejects_path)))
+    return report
+
+
+def write_rejects(failures: Iterable[ItemFailure], path: Path) -> Path:
+    """Write rejected items and their reasons as CSV (patient_id, item, view, reason)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["patient_id", "item", "view", "reason"])
+        for failure in failures:
+            writer.writerow([failure.item.patient_id, failure.item.name, failure.item.view, failure.reason])
+    return path

@@ -1,0 +1,102 @@
+"""One writer per store: an advisory ``flock`` on ``<store>.lock``.
+
+The kernel releases a ``flock`` when its process dies, however it dies, so a
+lock file left by a killed writer is stale by construction: the next writer
+acquires the lock and overwrites the holder record. The record (PID, host,
+start time, command) only serves the error message of a second writer.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+from mmdx.errors import StoreError, StoreLockedError
+
+__all__ = ["WriterLock", "lock_path"]
+
+
+def lock_path(store_path: Path) -> Path:
+    return store_path.with_name(store_path.name + ".lock")
+
+
+class WriterLock:
+    """Exclusive writer lock of one store.
+
+    Parameters
+    ----------
+    store_path
+        The store's main file path.
+    wait
+        Seconds to wait for another writer to finish; 0 raises at once,
+        ``None`` waits without limit.
+    """
+
+    def __init__(self, store_path: Path, wait: float | None = 0.0):
+        self.store_path = Path(store_path)
+        self.path = lock_path(self.store_path)
+        self.wait = wait
+        self._fd: int | None = None
+
+    def acquire(self) -> "WriterLock":
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise StoreError(
+                f"{self.store_path}: cannot create the lock file {self.path.name} ({exc.strerror}); "
+                "the store's folder must be writable, so choose a writable --store path"
+            ) from exc
+        deadline = None if self.wait is None else time.monotonic() + self.wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if deadline is not None and time.monotonic() >= deadline:
+                    holder = _describe_holder(fd)
+                    os.close(fd)
+                    raise StoreLockedError(
+                        f"{self.store_path}: another process is writing this store ({holder}); "
+                        "wait for it to finish, or pass --wait SECONDS"
+                    ) from None
+                time.sleep(0.2)
+        record = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "command": " ".join(sys.argv[:3]),
+        }
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(record).encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        # The file stays: unlinking a flock file lets two writers lock different inodes.
+        os.ftruncate(self._fd, 0)
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        os.close(self._fd)
+        self._fd = None
+
+    def __enter__(self) -> "WriterLock":
+        return self.acquire()
+
+    def __exit__(self, *exc_info) -> None:
+        self.release()
+
+
+def _describe_holder(fd: int) -> str:
+    try:
+        record = json.loads(os.pread(fd, 4096, 0) or b"{}")
+    except ValueError:
+        record = {}
+    if not record:
+        return "holder unknown"
+    return f"process {record.get('pid')} on {record.get('host')}, started {record.get('started')}, `{record.get('command')}`"

@@ -1,0 +1,1 @@
+"""Classification heads trained from stored vectors, with patient-level cross-validation."""
