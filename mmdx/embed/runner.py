@@ -54,7 +54,7 @@ class ItemFailure:
 
 @dataclass
 class EmbedReport:
-    """What an embed run did, for the CLI summary and for tests."""
+    """Counts and failures of one embed run, for the CLI summary and for tests."""
 
     store: str
     feature_set: str
