@@ -1,7 +1,127 @@
+"""``mmdx train-head``: cross-validate a classification head on stored vectors."""
+
+from __future__ import annotations
+
 import click
+
+from mmdx.cli import report_errors
+
+METRIC_LABELS = {
+    "accuracy": "accuracy",
+    "precision": "precision",
+    "recall": "recall",
+    "f1": "F1",
+    "roc_auc": "ROC AUC",
+    "balanced_accuracy": "balanced acc.",
+}
 
 
 @click.command("train-head")
-def train_head() -> None:
-    """Train a head (being written)."""
-    raise click.ClickException("not built yet")
+@click.option("--store", required=True, type=click.Path(dir_okay=False), help="Feature store (HDF5) to read vectors from.")
+@click.option("--labels", "labels_path", required=True, type=click.Path(dir_okay=False), help="Labels CSV with a header row.")
+@click.option("--id-column", default="patient_id", show_default=True, help="Column of the labels CSV with patient IDs.")
+@click.option("--label-column", required=True, help="Column of the labels CSV with the labels.")
+@click.option(
+    "--positive",
+    default=None,
+    help="Label value that means 1 (every other value means 0); without it the labels must be 0/1.",
+)
+@click.option(
+    "--negative",
+    multiple=True,
+    help="With --positive: a label value that means 0 (repeatable); patients with other values are dropped.",
+)
+@click.option(
+    "--modality",
+    type=click.Choice(["image", "text", "hybrid"]),
+    default="hybrid",
+    show_default=True,
+    help="Inputs of the head: image vectors, text vectors, or both.",
+)
+@click.option("--folds", type=click.IntRange(min=2), default=5, show_default=True, help="Number of patient-level folds.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the folds, weights and batch order.")
+@click.option(
+    "--repeats",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Repeat the cross-validation; repeat r splits with seed + r.",
+)
+@click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True, help="Training epochs per fold.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Mini-batch size in rows.")
+@click.option(
+    "--learning-rate", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True, help="Adam step size."
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Output folder for metrics.json, predictions.csv and config.json (replaced atomically).",
+)
+@click.option("--image-set", default=None, help="Image feature set to use, where the store has several.")
+@click.option(
+    "--text-set", default=None, help="Text feature set (or per-fold group) to use, where the store has several."
+)
+@click.option(
+    "--aggregate",
+    type=click.Choice(["mean", "max"]),
+    default="mean",
+    show_default=True,
+    help="How to combine a patient's image vectors, and a patient's text vectors, into one.",
+)
+@click.option(
+    "--augmented",
+    is_flag=True,
+    help="Also train on augmented image views of the training patients; test on plain views only.",
+)
+@click.option(
+    "--standardize", is_flag=True, help="Standardise inputs with the mean and std of each fold's training part."
+)
+@click.option(
+    "--allow-leak",
+    is_flag=True,
+    help="Run even if a text encoder was fine-tuned on test patients; metrics.json then says leaked: true.",
+)
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@report_errors
+def train_head(labels_path, quiet, **options) -> None:
+    """Cross-validate a classification head on stored vectors, with patient-level folds.
+
+    Prints accuracy, precision, recall, F1, ROC AUC and balanced accuracy as
+    mean ± std over folds and repeats, and writes metrics.json,
+    predictions.csv (out-of-fold) and config.json into --out.
+    """
+    from tqdm import tqdm
+
+    from mmdx.train.run import train_head as run_train_head
+
+    total = options["folds"] * options["repeats"]
+    with tqdm(total=total, desc="train-head", unit="fold", disable=quiet, leave=False, delay=0.5) as bar:
+        result = run_train_head(labels=labels_path, **options, on_fold_done=lambda _: bar.update(1))
+
+    report = result.report
+    dropped = {reason: count for reason, count in report["dropped"].items() if count}
+    click.echo(f"patients: {report['n_patients']} ({report['n_positive']} positive)")
+    if dropped:
+        click.echo("dropped: " + ", ".join(f"{count} {reason}" for reason, count in dropped.items()))
+    if report["leaked"]:
+        click.echo("WARNING: leaked (--allow-leak): " + "; ".join(report["leak_findings"]))
+    click.echo(format_table([report]))
+    if options["out"]:
+        click.echo(f"wrote {options['out']}")
+
+
+def format_table(reports: list[dict]) -> str:
+    """Format one row per report: modality, patients and each metric as mean ± std."""
+    header = ["modality", "patients", *METRIC_LABELS.values()]
+    rows = []
+    for report in reports:
+        cells = [report["modality"], str(report["n_patients"])]
+        for name in METRIC_LABELS:
+            value = report["metrics"][name]
+            cells.append(f"{value['mean']:.3f} ± {value['std']:.3f}")
+        rows.append(cells)
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [header, *rows]]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    return "\n".join(lines)

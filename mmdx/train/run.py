@@ -1,0 +1,224 @@
+"""``train_head``: cross-validate a classification head on stored vectors and write its results."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from mmdx import __version__
+from mmdx.atomic import atomic_dir
+from mmdx.errors import InputError
+from mmdx.train.cv import METRIC_NAMES, THRESHOLD, CVResult, cross_validate, restricted_folds
+from mmdx.train.data import AGGREGATES, MODALITIES, PatientData, load_patient_data
+from mmdx.train.heads import HeadFactory, make_concat_head
+from mmdx.train.labels import load_labels
+from mmdx.train.leak import check_leaks
+
+__all__ = ["TrainHeadResult", "train_head", "write_outputs"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainHeadResult:
+    """What :func:`train_head` computed: the report (``metrics.json``), the CV result and the inputs."""
+
+    report: dict
+    config: dict
+    cv: CVResult
+    data: PatientData
+
+    @property
+    def metrics(self) -> dict[str, dict[str, float]]:
+        """Metric name to ``{"mean", "std"}`` over folds and repeats."""
+        return self.report["metrics"]
+
+
+def train_head(
+    store: str | Path,
+    labels: str | Path,
+    label_column: str,
+    id_column: str = "patient_id",
+    positive: str | None = None,
+    negative: tuple[str, ...] = (),
+    modality: str = "hybrid",
+    folds: int = 5,
+    seed: int = 0,
+    repeats: int = 1,
+    epochs: int = 10,
+    batch_size: int = 32,
+    learning_rate: float = 1e-3,
+    out: str | Path | None = None,
+    image_set: str | None = None,
+    text_set: str | None = None,
+    aggregate: str = "mean",
+    augmented: bool = False,
+    standardize: bool = False,
+    allow_leak: bool = False,
+    head_factory: HeadFactory | None = None,
+    head_name: str = "concat",
+    on_fold_done=None,
+) -> TrainHeadResult:
+    """Cross-validate a head on stored vectors, patient by patient, and optionally write the results.
+
+    Parameters
+    ----------
+    store
+        Feature store path.
+    labels, id_column, label_column, positive, negative
+        The labels CSV and how to read it, as in :func:`~mmdx.train.labels.load_labels`.
+    modality
+        ``"image"``, ``"text"`` or ``"hybrid"``.
+    folds, seed, repeats
+        Stratified patient-level folds; repeat ``r`` uses seed ``seed + r``.
+    epochs, batch_size, learning_rate
+        Training settings of the default head (Adam, binary cross-entropy).
+    out
+        Output folder for ``metrics.json``, ``predictions.csv`` and
+        ``config.json``, written atomically; None writes nothing.
+    image_set, text_set
+        Feature set names where the store has several of one modality.
+    aggregate
+        ``"mean"`` or ``"max"`` of a patient's vectors.
+    augmented
+        Also train on the augmented image views of the training patients.
+    standardize
+        Standardise inputs with the training part's mean and std (per fold).
+    allow_leak
+        Run even if a text encoder was fine-tuned on evaluated patients, and
+        mark the result ``"leaked": true``.
+    head_factory, head_name
+        Another head to train in place of the recipe's concatenation head
+        (then ``epochs``, ``batch_size``, ``learning_rate`` and
+        ``standardize`` are up to the factory), and its name for the report.
+    on_fold_done
+        Called with each fold's metrics (for progress bars).
+
+    Returns
+    -------
+    TrainHeadResult
+    """
+    config = {
+        "store": str(store),
+        "labels": str(labels),
+        "id_column": id_column,
+        "label_column": label_column,
+        "positive": positive,
+        "negative": list(negative),
+        "modality": modality,
+        "folds": folds,
+        "seed": seed,
+        "repeats": repeats,
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "learning_rate": learning_rate,
+        "out": None if out is None else str(out),
+        "image_set": image_set,
+        "text_set": text_set,
+        "aggregate": aggregate,
+        "augmented": augmented,
+        "standardize": standardize,
+        "allow_leak": allow_leak,
+        "head": head_name,
+        "threshold": THRESHOLD,
+    }
+    _check_options(config)
+
+    label_table = load_labels(labels, id_column, label_column, positive, negative or None)
+    data = load_patient_data(store, label_table, modality, image_set, text_set, aggregate, augmented)
+    for reason, count in data.dropped_counts().items():
+        if count:
+            logger.info("dropped %d patient(s): %s", count, reason)
+    leaks = check_leaks(data, restricted_folds(data, folds, seed), folds, seed, repeats, allow_leak)
+
+    if head_factory is None:
+        head_factory = make_concat_head(epochs, batch_size, learning_rate, standardize)
+    cv = cross_validate(data, head_factory, folds, seed, repeats, on_fold_done=on_fold_done)
+
+    report = _report(config, data, cv, leaks.leaked, leaks.findings)
+    result = TrainHeadResult(report, config, cv, data)
+    if out is not None:
+        write_outputs(result, out)
+    return result
+
+
+def _check_options(config: dict) -> None:
+    """Reject option values that cannot work, before any data is read."""
+    if config["modality"] not in MODALITIES:
+        raise InputError(f"--modality must be one of {', '.join(MODALITIES)}, got {config['modality']!r}")
+    if config["aggregate"] not in AGGREGATES:
+        raise InputError(f"--aggregate must be one of {', '.join(AGGREGATES)}, got {config['aggregate']!r}")
+    for option, minimum in (("folds", 2), ("repeats", 1), ("epochs", 1), ("batch_size", 1)):
+        if config[option] < minimum:
+            raise InputError(f"--{option.replace('_', '-')} must be at least {minimum}, got {config[option]}")
+    if not config["learning_rate"] > 0:
+        raise InputError(f"--learning-rate must be positive, got {config['learning_rate']}")
+    if config["augmented"] and config["modality"] == "text":
+        raise InputError("--augmented uses augmented image views; use it with --modality image or hybrid")
+
+
+def _report(config: dict, data: PatientData, cv: CVResult, leaked: bool, findings: list[str]) -> dict:
+    """Build the content of ``metrics.json``."""
+    per_fold = {name: [fold[name] for fold in cv.fold_metrics] for name in METRIC_NAMES}
+    return {
+        "modality": data.modality,
+        "n_patients": len(data),
+        "n_positive": int(data.y.sum()),
+        "n_labelled": len(data.labels),
+        "metrics": {name: {**cv.metrics[name], "per_fold": per_fold[name]} for name in METRIC_NAMES},
+        "std_ddof": 1,
+        "folds": cv.fold_metrics,
+        "dropped": data.dropped_counts(),
+        "dropped_patients": data.dropped,
+        "label_values": getattr(data.labels, "values_seen", {}),
+        "positive": config["positive"],
+        "sets": {name: choice.to_json() for name, choice in data.sets.items()},
+        "aggregate": data.aggregate,
+        "augmented": config["augmented"],
+        "standardize": config["standardize"],
+        "head": config["head"],
+        "seed": config["seed"],
+        "n_folds": config["folds"],
+        "repeats": config["repeats"],
+        "threshold": config["threshold"],
+        "leaked": leaked,
+        "leak_findings": findings,
+        "mmdx_version": __version__,
+    }
+
+
+def write_outputs(result: TrainHeadResult, out: str | Path) -> Path:
+    """Write ``metrics.json``, ``predictions.csv`` and ``config.json`` into ``out`` atomically."""
+    with atomic_dir(out) as staging:
+        _write_json(staging / "metrics.json", result.report)
+        _write_json(staging / "config.json", result.config)
+        predictions = result.cv.predictions
+        columns = ("patient_id", "label", "probability", "prediction", "fold", "repeat")
+        with open(staging / "predictions.csv", "w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(columns)
+            for row in zip(*(predictions[name].tolist() for name in columns)):
+                writer.writerow([f"{value:.6f}" if isinstance(value, float) else value for value in row])
+    logger.info("wrote %s", out)
+    return Path(out)
+
+
+def _write_json(path: Path, value: dict) -> None:
+    # JSON has no NaN: an undefined metric (ROC AUC of a one-class fold) is written as null.
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(_nan_to_none(value), handle, indent=2, ensure_ascii=False, allow_nan=False)
+        handle.write("\n")
+
+
+def _nan_to_none(value):
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _nan_to_none(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_nan_to_none(item) for item in value]
+    return value
