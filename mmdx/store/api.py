@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +66,7 @@ class FeatureStore:
         self.path = Path(path)
         self.mode = mode
         self._lock: WriterLock | None = None
+        self._next_sequence = 0
         self._headers: dict[str, fmt.SetHeader] = {}
         if mode == "r":
             if not self.path.exists() and not fmt.list_shards(self.path):
@@ -76,10 +78,21 @@ class FeatureStore:
             if not self.path.parent.is_dir():
                 raise StoreError(f"{self.path}: folder {self.path.parent} does not exist; create it first")
             fmt.check_readable(self.path)
+            if not os.access(self.path.parent, os.W_OK | os.X_OK):
+                raise StoreError(
+                    f"{self.path}: folder {self.path.parent} is not writable; choose a writable --store path "
+                    "(reading a store needs no write access)"
+                )
             self._lock = WriterLock(self.path, wait=wait).acquire()
-            removed = fmt.remove_stale_temporaries(self.path)
+            try:
+                removed = fmt.remove_stale_files(self.path)
+                self._next_sequence = fmt.next_sequence(self.path)
+            except BaseException:
+                self._lock.release()
+                self._lock = None
+                raise
             if removed:
-                logger.info("removed %d temporary file(s) left by a killed writer", len(removed))
+                logger.info("%s: removed %d file(s) left by a killed writer", self.path, len(removed))
 
     def __enter__(self) -> "FeatureStore":
         return self
@@ -92,17 +105,31 @@ class FeatureStore:
         if self._lock is None:
             return
         try:
-            if fmt.list_shards(self.path):
-                fmt.rebuild_main(self.path)
+            self.compact()
         finally:
             self._lock.release()
             self._lock = None
 
+    def compact(self) -> None:
+        """Fold the journal into a fresh main file, if there is a journal.
+
+        Readers see the same rows before and after; a kill at any point leaves
+        the old main file with its journal or the new one.
+        """
+        self._require_writer()
+        if fmt.list_shards(self.path):
+            fmt.rebuild_main(self.path)
+
     # Reading -------------------------------------------------------------
+
+    def _exists(self) -> bool:
+        return self.path.exists() or bool(fmt.list_shards(self.path))
 
     def list_sets(self) -> list[FeatureSetInfo]:
         """Summarise every feature set, reading keys but not vectors."""
         infos = []
+        if not self._exists():
+            return infos
         for name, feature_set in fmt.read_store(self.path, with_vectors=False).items():
             header, rows = feature_set.header, feature_set.rows
             infos.append(
@@ -124,7 +151,7 @@ class FeatureStore:
 
     def read(self, name: str) -> fmt.FeatureSet:
         """Read one feature set with its vectors."""
-        sets = fmt.read_store(self.path, names=[name]) if self.path.exists() or fmt.list_shards(self.path) else {}
+        sets = fmt.read_store(self.path, names=[name]) if self._exists() else {}
         if name not in sets:
             available = ", ".join(info.name for info in self.list_sets()) or "none"
             raise StoreError(f"{self.path}: no feature set named {name!r}; available: {available}")
@@ -167,9 +194,7 @@ class FeatureStore:
         self._require_writer()
         identity = {"modality": modality, "encoder": encoder, "width": int(width), **config}
         name = set_name_for(modality, encoder, identity)
-        existing = fmt.read_store(self.path, names=[name], with_vectors=False) if (
-            self.path.exists() or fmt.list_shards(self.path)
-        ) else {}
+        existing = fmt.read_store(self.path, names=[name], with_vectors=False) if self._exists() else {}
         if name in existing:
             header = existing[name].header
             if header.config != identity:
@@ -183,7 +208,7 @@ class FeatureStore:
 
     def item_hashes(self, name: str) -> dict[tuple[str, str, int], str]:
         """Map (patient ID, item, view) to the stored content hash, for skipping done work."""
-        if not (self.path.exists() or fmt.list_shards(self.path)):
+        if not self._exists():
             return {}
         sets = fmt.read_store(self.path, names=[name], with_vectors=False)
         if name not in sets:
@@ -218,7 +243,9 @@ class FeatureStore:
             raise StoreError(f"{self.path}: encoder returned NaN or inf vectors for patient(s) {bad}; nothing was stored")
         keys = list(zip(patient_ids, items, views))
         if len(set(keys)) != n:
-            raise ValueError("a batch must not repeat a (patient ID, item, view) key")
+            seen: set = set()
+            repeated = next(key for key in keys if key in seen or seen.add(key))
+            raise ValueError(f"a batch must not repeat a (patient ID, item, view) key; {repeated} appears twice")
         header.updated = fmt.now_iso()
         rows = fmt.Rows(
             np.asarray(list(patient_ids), dtype=object),
@@ -227,12 +254,14 @@ class FeatureStore:
             np.asarray(list(views), dtype=np.int32),
             vectors,
         )
-        fmt.write_shard(self.path, header, rows)
+        fmt.write_shard(self.path, header, rows, self._next_sequence)
+        self._next_sequence += 1
 
     def remove_set(self, name: str) -> None:
         """Delete one feature set (rewrites the main file atomically)."""
         self._require_writer()
-        self.read(name)
+        if name not in {info.name for info in self.list_sets()}:
+            self.read(name)  # raises, listing the sets there are
         fmt.rebuild_main(self.path, drop=[name])
 
     def add_sets(self, feature_sets: Sequence[fmt.FeatureSet]) -> None:

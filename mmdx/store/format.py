@@ -7,11 +7,18 @@ shard file in the journal (written under a temporary name, fsynced, then
 renamed), and a compaction writes a fresh main file from the old one and the
 journal, fsyncs it and renames it over the old one. A reader therefore sees
 either the old or the new main file, never a half-written one.
+
+Shards carry a sequence number that grows across compactions. The main file
+records the highest sequence folded into it (``journal_applied_through``), so
+shards a killed compaction left behind are ignored by readers and deleted by
+the next writer, and never applied twice.
 """
 
 from __future__ import annotations
 
+import glob
 import json
+import logging
 import os
 import re
 import time
@@ -33,6 +40,7 @@ __all__ = [
     "SetHeader",
     "journal_dir",
     "list_shards",
+    "shard_sequence",
     "read_store",
     "rebuild_main",
     "write_shard",
@@ -40,8 +48,11 @@ __all__ = [
 
 FORMAT_VERSION = 1
 ROOT_GROUP = "feature_sets"
+APPLIED_ATTR = "journal_applied_through"
 SHARD_SUFFIX = ".shard.h5"
 _SHARD_NAME = re.compile(r"^(\d{12})-[0-9a-f]{8}" + re.escape(SHARD_SUFFIX) + "$")
+logger = logging.getLogger(__name__)
+
 _STR = h5py.string_dtype(encoding="utf-8")
 _ROW_CHUNK = 1024
 
@@ -150,13 +161,42 @@ def journal_dir(store_path: Path) -> Path:
     return store_path.with_name(store_path.name + ".journal")
 
 
-def list_shards(store_path: Path) -> list[Path]:
-    """Return the committed journal shards in commit order (temporary files excluded)."""
+def list_shards(store_path: Path, after: int = 0) -> list[Path]:
+    """Return the committed journal shards with a sequence above ``after``, in commit order.
+
+    Temporary files of a shard being written are never listed.
+    """
     folder = journal_dir(store_path)
     if not folder.is_dir():
         return []
-    shards = [p for p in folder.iterdir() if _SHARD_NAME.match(p.name)]
+    shards = [p for p in folder.iterdir() if _SHARD_NAME.match(p.name) and shard_sequence(p) > after]
     return sorted(shards, key=lambda p: p.name)
+
+
+def shard_sequence(shard: Path) -> int:
+    """Return the commit sequence number in a shard's file name."""
+    return int(shard.name[:12])
+
+
+def applied_through(store_path: Path) -> int:
+    """Return the highest journal sequence folded into the main file (0 without a main file)."""
+    if not store_path.exists():
+        return 0
+    with _open_h5(store_path) as handle:
+        _check_version(handle, store_path)
+        return int(handle.attrs.get(APPLIED_ATTR, 0))
+
+
+def next_sequence(store_path: Path) -> int:
+    """Return the sequence number the next shard gets; the caller holds the writer lock."""
+    shards = list_shards(store_path)
+    last = shard_sequence(shards[-1]) if shards else 0
+    return max(last, applied_through(store_path)) + 1
+
+
+def _contiguous(shards: list[Path], after: int) -> bool:
+    expected = range(after + 1, after + 1 + len(shards))
+    return [shard_sequence(p) for p in shards] == list(expected)
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -238,54 +278,82 @@ def _read_keys(group: h5py.Group) -> tuple[np.ndarray, np.ndarray, np.ndarray, n
     return patient_ids, items, hashes, views
 
 
-def _read_rows(group: h5py.Group, with_vectors: bool) -> Rows:
+def _read_rows(group: h5py.Group, with_vectors: bool, where: str = "") -> Rows:
     patient_ids, items, hashes, views = _read_keys(group)
-    width = int(group["vectors"].shape[1])
+    width = int(group.attrs.get("width", group["vectors"].shape[1]))
+    if group["vectors"].ndim != 2 or group["vectors"].shape[1] != width:
+        raise StoreError(
+            f"{where or group.file.filename}: feature set {group.name.split('/')[-1]!r} has vectors of shape "
+            f"{group['vectors'].shape} but width {width}; run `mmdx store verify` on the store"
+        )
     if with_vectors:
         vectors = np.asarray(group["vectors"][()], dtype=np.float32)
     else:
-        vectors = np.empty((len(patient_ids), 0), dtype=np.float32)
-    if vectors.shape[0] != len(patient_ids) or not (
-        len(items) == len(hashes) == len(views) == len(patient_ids)
-    ):
+        vectors = np.empty((group["vectors"].shape[0], 0), dtype=np.float32)
+    if vectors.shape[0] != len(patient_ids) or not (len(items) == len(hashes) == len(views) == len(patient_ids)):
         raise StoreError(
-            f"feature set {group.name}: datasets have different row counts; "
-            "run `mmdx store verify` on the store"
+            f"{where or group.file.filename}: feature set {group.name.split('/')[-1]!r}: datasets have different "
+            "row counts; run `mmdx store verify` on the store"
         )
-    del width
     return Rows(patient_ids, items, hashes, views, vectors)
 
 
-def write_shard(store_path: Path, header: SetHeader, rows: Rows) -> Path:
+def _take(rows: Rows, index: np.ndarray) -> Rows:
+    return Rows(rows.patient_ids[index], rows.items[index], rows.hashes[index], rows.views[index], rows.vectors[index])
+
+
+def last_wins(rows: Rows) -> Rows:
+    """Drop all but the last row of each repeated (patient ID, item, view) key."""
+    last = {key: i for i, key in enumerate(rows.keys())}
+    if len(last) == len(rows):
+        return rows
+    return _take(rows, np.asarray(sorted(last.values()), dtype=np.int64))
+
+
+def write_shard(store_path: Path, header: SetHeader, rows: Rows, sequence: int | None = None) -> Path:
     """Commit one batch of rows as a new journal shard, atomically.
 
     The shard is written under a temporary name, flushed and fsynced, then
     renamed into place and the folder fsynced: after this returns the rows
-    survive a crash, and before it they are absent, never half there.
+    survive a crash, and before it they are absent, never half there. The
+    caller holds the writer lock; ``sequence`` defaults to
+    :func:`next_sequence`.
     """
     folder = journal_dir(store_path)
-    folder.mkdir(exist_ok=True)
-    existing = list_shards(store_path)
-    sequence = int(existing[-1].name[:12]) + 1 if existing else 1
+    if sequence is None:
+        sequence = next_sequence(store_path)
     final = folder / f"{sequence:012d}-{uuid.uuid4().hex[:8]}{SHARD_SUFFIX}"
     temporary = final.with_name(final.name + ".tmp")
-    with h5py.File(temporary, "w", locking=False) as handle:
-        handle.attrs["mmdx_format_version"] = FORMAT_VERSION
-        handle.attrs["set_name"] = header.name
-        group = handle.create_group(f"{ROOT_GROUP}/{header.name}")
-        for key, value in header.to_attrs().items():
-            group.attrs[key] = value
-        _create_row_datasets(group, header.width)
-        _append_rows(group, rows)
-    _fsync_file(temporary)
-    os.replace(temporary, final)
-    _fsync_dir(folder)
+    try:
+        if not folder.is_dir():
+            folder.mkdir()
+            _fsync_dir(folder.parent)
+        with h5py.File(temporary, "w", locking=False) as handle:
+            handle.attrs["mmdx_format_version"] = FORMAT_VERSION
+            handle.attrs["set_name"] = header.name
+            handle.attrs["sequence"] = sequence
+            group = handle.create_group(f"{ROOT_GROUP}/{header.name}")
+            for key, value in header.to_attrs().items():
+                group.attrs[key] = value
+            _create_row_datasets(group, header.width)
+            _append_rows(group, rows)
+        _fsync_file(temporary)
+        os.replace(temporary, final)
+        _fsync_dir(folder)
+    except OSError as exc:
+        temporary.unlink(missing_ok=True)
+        raise StoreError(
+            f"{store_path}: writing journal shard {final.name} failed ({exc}); "
+            "nothing of this batch was stored, so free disk space or fix permissions and run again"
+        ) from exc
     return final
 
 
 def _iter_shard_sets(shard: Path) -> Iterator[tuple[SetHeader, h5py.Group]]:
     with _open_h5(shard) as handle:
         _check_version(handle, shard)
+        if ROOT_GROUP not in handle:
+            raise StoreError(f"{shard}: journal shard without a {ROOT_GROUP!r} group; run `mmdx store verify`")
         for name, group in handle[ROOT_GROUP].items():
             yield SetHeader.from_attrs(name, group.attrs, str(shard)), group
 
@@ -295,8 +363,8 @@ class _SetBuilder:
 
     def __init__(self, header: SetHeader, rows: Rows):
         self.header = header
-        self.rows = rows
-        self.index = {key: i for i, key in enumerate(rows.keys())}
+        self.rows = last_wins(rows)
+        self.index = {key: i for i, key in enumerate(self.rows.keys())}
 
     def apply(self, header: SetHeader, rows: Rows, where: str) -> None:
         if header.width != self.header.width or header.config != self.header.config:
@@ -306,11 +374,12 @@ class _SetBuilder:
             )
         self.header.info = header.info or self.header.info
         self.header.updated = max(self.header.updated, header.updated)
+        rows = last_wins(rows)
         replace_at, replace_from, append_from = [], [], []
         for i, key in enumerate(rows.keys()):
             j = self.index.get(key)
             if j is None:
-                self.index[key] = len(self.index)
+                self.index[key] = len(self.rows) + len(append_from)
                 append_from.append(i)
             else:
                 replace_at.append(j)
@@ -318,16 +387,15 @@ class _SetBuilder:
         if replace_at:
             at, src = np.asarray(replace_at), np.asarray(replace_from)
             self.rows.hashes[at] = rows.hashes[src]
-            if self.rows.vectors.shape[1] == rows.vectors.shape[1]:
-                self.rows.vectors[at] = rows.vectors[src]
+            self.rows.vectors[at] = rows.vectors[src]
         if append_from:
-            src = np.asarray(append_from)
+            added = _take(rows, np.asarray(append_from))
             self.rows = Rows(
-                np.concatenate([self.rows.patient_ids, rows.patient_ids[src]]),
-                np.concatenate([self.rows.items, rows.items[src]]),
-                np.concatenate([self.rows.hashes, rows.hashes[src]]),
-                np.concatenate([self.rows.views, rows.views[src]]),
-                np.concatenate([self.rows.vectors, rows.vectors[src]]),
+                np.concatenate([self.rows.patient_ids, added.patient_ids]),
+                np.concatenate([self.rows.items, added.items]),
+                np.concatenate([self.rows.hashes, added.hashes]),
+                np.concatenate([self.rows.views, added.views]),
+                np.concatenate([self.rows.vectors, added.vectors]),
             )
 
 
@@ -337,41 +405,70 @@ def read_store(
     """Read feature sets from the main file with the journal applied.
 
     ``names`` limits the sets read (all by default); ``with_vectors=False``
-    reads keys and hashes only, for listings. A compaction running at the same
-    time can delete shards under us; the read then starts again.
+    reads keys and hashes only, for listings. The result is the state after
+    some commit that finished before this call returned. A compaction
+    running at the same time can delete shards before they are read, and a
+    directory listing taken during a commit can miss a shard; both make the
+    read start again.
     """
     wanted = None if names is None else set(names)
-    for _attempt in range(20):
+    gaps = 0
+    for attempt in range(_READ_ATTEMPTS):
+        # The listing comes before the main file is opened: a compaction in
+        # between folds every listed shard into the main file read next.
         shards = list_shards(store_path)
         try:
-            return _read_store_once(store_path, shards, wanted, with_vectors)
+            return _read_store_once(store_path, shards, wanted, with_vectors, strict=gaps < _GAP_ATTEMPTS)
         except FileNotFoundError:
             if not store_path.exists() and not list_shards(store_path):
                 raise StoreError(
                     f"{store_path}: store not found; check the --store path, "
                     "or run `mmdx embed` to create it"
                 ) from None
-            time.sleep(0.05)
+        except _JournalGap:
+            gaps += 1
+        logger.debug("%s: journal changed while reading (attempt %d), reading again", store_path, attempt + 1)
+        time.sleep(min(0.01 * (attempt + 1), 0.2))
     raise StoreError(f"{store_path}: the journal kept changing while reading; try again")
 
 
-def _read_store_once(store_path, shards, wanted, with_vectors) -> dict[str, FeatureSet]:
+_READ_ATTEMPTS = 40
+_GAP_ATTEMPTS = 5
+
+
+class _JournalGap(Exception):
+    """The shard listing skips a sequence number, so a commit was only partly seen."""
+
+
+def _read_store_once(store_path, shards, wanted, with_vectors, strict=True) -> dict[str, FeatureSet]:
     builders: dict[str, _SetBuilder] = {}
+    folded = 0
     if store_path.exists():
         with _open_h5(store_path) as handle:
             _check_version(handle, store_path)
+            folded = int(handle.attrs.get(APPLIED_ATTR, 0))
             for name, group in handle.get(ROOT_GROUP, {}).items():
                 if wanted is not None and name not in wanted:
                     continue
                 header = SetHeader.from_attrs(name, group.attrs, str(store_path))
-                builders[name] = _SetBuilder(header, _read_rows(group, with_vectors))
+                builders[name] = _SetBuilder(header, _read_rows(group, with_vectors, str(store_path)))
     elif not shards:
         raise FileNotFoundError(store_path)
-    for shard in shards:
+    pending = [p for p in shards if shard_sequence(p) > folded]
+    if not _contiguous(pending, folded):
+        if strict:
+            raise _JournalGap()
+        logger.warning(
+            "%s: journal shards %s do not follow sequence %d without gaps; run `mmdx store verify`",
+            store_path,
+            [shard_sequence(p) for p in pending],
+            folded,
+        )
+    for shard in pending:
         for header, group in _iter_shard_sets(shard):
             if wanted is not None and header.name not in wanted:
                 continue
-            rows = _read_rows(group, with_vectors)
+            rows = _read_rows(group, with_vectors, str(shard))
             if header.name in builders:
                 builders[header.name].apply(header, rows, str(shard))
             else:
@@ -387,10 +484,10 @@ def read_root_attrs(store_path: Path) -> dict:
 
 def check_readable(store_path: Path) -> None:
     """Raise ``StoreError`` unless ``store_path`` is absent or an mmdx store this version reads."""
+    if store_path.is_dir():
+        raise StoreError(f"{store_path}: is a folder; --store takes an .h5 file path such as {store_path / 'features.h5'}")
     if not store_path.exists():
         return
-    if store_path.is_dir():
-        raise StoreError(f"{store_path}: is a folder; --store takes an .h5 file path")
     with _open_h5(store_path) as handle:
         _check_version(handle, store_path)
 
@@ -399,39 +496,57 @@ def rebuild_main(store_path: Path, drop: Iterable[str] = (), extra: Iterable[Fea
     """Write a fresh main file from the current one plus the journal, then swap it in.
 
     ``drop`` names feature sets to leave out; ``extra`` adds whole feature sets
-    (as a merge does). The caller holds the writer lock. Sets are copied group
-    by group, so memory stays bounded by one set's journal rows. The journal
-    shards are deleted only after the new main file is in place; applying a
-    shard twice gives the same result, so a kill between the two steps is safe.
+    (as a merge does), after the journal, so their rows win on equal keys.
+    The caller holds the writer lock. Sets are copied group by group, so
+    memory stays bounded by one set's journal rows. The new main file
+    records the last folded shard sequence, and the shards are deleted only
+    after it is in place: a kill in between leaves shards that readers
+    ignore and the next writer deletes. On any error the old main file and
+    journal stay as they were.
     """
     drop = set(drop)
-    shards = list_shards(store_path)
+    folded = applied_through(store_path)
+    shards = list_shards(store_path, after=folded)
+    if shards:
+        folded = shard_sequence(shards[-1])
     temporary = store_path.with_name(f"{store_path.name}.tmp-{os.getpid()}")
-    with h5py.File(temporary, "w", locking=False) as out:
-        out.attrs["mmdx_format_version"] = FORMAT_VERSION
-        out.attrs["mmdx_version"] = __version__
-        root = out.create_group(ROOT_GROUP)
-        if store_path.exists():
-            with _open_h5(store_path) as handle:
-                _check_version(handle, store_path)
-                for name, group in handle.get(ROOT_GROUP, {}).items():
-                    if name not in drop:
-                        handle.copy(group, root, name=name)
-        for shard in shards:
-            for header, group in _iter_shard_sets(shard):
-                if header.name in drop:
-                    continue
-                _merge_group(root, header, _read_rows(group, True), str(shard))
-        for feature_set in extra:
-            _merge_group(root, feature_set.header, feature_set.rows, "merge")
-    _fsync_file(temporary)
-    os.replace(temporary, store_path)
+    try:
+        with h5py.File(temporary, "w", locking=False) as out:
+            out.attrs["mmdx_format_version"] = FORMAT_VERSION
+            out.attrs["mmdx_version"] = __version__
+            out.attrs[APPLIED_ATTR] = folded
+            root = out.create_group(ROOT_GROUP)
+            if store_path.exists():
+                with _open_h5(store_path) as handle:
+                    _check_version(handle, store_path)
+                    for name, group in handle.get(ROOT_GROUP, {}).items():
+                        if name not in drop:
+                            handle.copy(group, root, name=name)
+            for shard in shards:
+                for header, group in _iter_shard_sets(shard):
+                    if header.name in drop:
+                        continue
+                    _merge_group(root, header, _read_rows(group, True, str(shard)), str(shard))
+            for feature_set in extra:
+                _merge_group(root, feature_set.header, feature_set.rows, "merge")
+        _fsync_file(temporary)
+        os.replace(temporary, store_path)
+    except BaseException as exc:
+        temporary.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise StoreError(
+                f"{store_path}: rewriting the main file failed ({exc}); the store is unchanged, "
+                "so free disk space or fix permissions and run again"
+            ) from exc
+        raise
     _fsync_dir(store_path.parent)
-    for shard in shards:
-        shard.unlink(missing_ok=True)
+    for shard in list_shards(store_path):
+        if shard_sequence(shard) <= folded:
+            shard.unlink(missing_ok=True)
 
 
 def _merge_group(root: h5py.Group, header: SetHeader, rows: Rows, where: str) -> None:
+    rows = last_wins(rows)
     if header.name not in root:
         group = root.create_group(header.name)
         for key, value in header.to_attrs().items():
@@ -458,20 +573,20 @@ def _merge_group(root: h5py.Group, header: SetHeader, rows: Rows, where: str) ->
             group["item_hash"][j] = rows.hashes[i]
             group["vectors"][j] = rows.vectors[i]
     if append_from:
-        src = np.asarray(append_from)
-        _append_rows(
-            group,
-            Rows(rows.patient_ids[src], rows.items[src], rows.hashes[src], rows.views[src], rows.vectors[src]),
-        )
+        _append_rows(group, _take(rows, np.asarray(append_from)))
     group.attrs["updated"] = max(str(group.attrs.get("updated", "")), header.updated)
     if header.info:
         group.attrs["info_json"] = canonical_json(header.info)
 
 
-def remove_stale_temporaries(store_path: Path) -> list[Path]:
-    """Delete temporary files a killed writer left behind; the caller holds the writer lock."""
+def remove_stale_files(store_path: Path) -> list[Path]:
+    """Delete what a killed writer left behind; the caller holds the writer lock.
+
+    That is temporary main files, temporary shards, and shards already
+    folded into the main file by a compaction killed before it deleted them.
+    """
     removed = []
-    for path in store_path.parent.glob(f"{store_path.name}.tmp-*"):
+    for path in store_path.parent.glob(f"{glob.escape(store_path.name)}.tmp-*"):
         path.unlink(missing_ok=True)
         removed.append(path)
     folder = journal_dir(store_path)
@@ -479,4 +594,9 @@ def remove_stale_temporaries(store_path: Path) -> list[Path]:
         for path in folder.glob(f"*{SHARD_SUFFIX}.tmp"):
             path.unlink(missing_ok=True)
             removed.append(path)
+        folded = applied_through(store_path)
+        for path in list_shards(store_path):
+            if shard_sequence(path) <= folded:
+                path.unlink(missing_ok=True)
+                removed.append(path)
     return removed
