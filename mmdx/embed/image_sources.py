@@ -1,0 +1,367 @@
+"""Find the images of a source (folder or CSV manifest) and load their pixels.
+
+A source becomes a list of :class:`~mmdx.embed.runner.Item` objects, one per
+image, keyed by patient ID and the image path relative to the source. Two
+functions form the extension point for other file formats (DICOM, NIfTI):
+
+- an *expander* turns one file into one or more items (a volume file may
+  yield one item per slice), see :func:`expand_image_file`;
+- a *loader* returns one item's pixels as an ``HxW`` or ``HxWxC`` array,
+  see :func:`load_pixels`.
+
+Both are chosen by file suffix through :func:`register_image_format`; files
+with any other suffix go through Pillow. Colour conversion to 3-channel
+``uint8`` RGB happens afterwards in :func:`to_rgb_uint8`, whatever the format.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from mmdx.embed.runner import Item, sha256_bytes
+from mmdx.errors import InputError
+
+__all__ = [
+    "COLOUR_RULE",
+    "ImageRef",
+    "ImageSource",
+    "collect_image_items",
+    "expand_image_file",
+    "load_pixels",
+    "register_image_format",
+    "to_rgb_uint8",
+]
+
+logger = logging.getLogger(__name__)
+
+# Written into the feature set config: a change to these rules changes the vectors.
+COLOUR_RULE = (
+    "EXIF orientation applied; RGB kept; L, 1 and 3-channel modes converted by Pillow; "
+    "alpha (RGBA, LA, P with transparency) composited on black; CMYK converted by Pillow; "
+    "16-bit, 32-bit and float images scaled by their own min/max to 0-255"
+)
+
+# Suffixes a folder scan treats as images when no other format is registered
+# for them (the formats Keras flow_from_directory reads, plus .gif and .webp).
+PILLOW_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".pbm", ".tif", ".tiff", ".gif", ".webp")
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """Where an item's pixels live: a file and, for multi-image files, the index in it."""
+
+    path: Path
+    index: int | None = None
+
+
+ExpandFn = Callable[[Path, str, str, str], list[Item]]
+LoadFn = Callable[[Item], np.ndarray]
+
+
+@dataclass(frozen=True)
+class _ImageFormat:
+    suffixes: tuple[str, ...]
+    expand: ExpandFn
+    load: LoadFn
+
+
+_FORMATS: list[_ImageFormat] = []
+
+
+def register_image_format(suffixes: tuple[str, ...] | list[str], expand: ExpandFn, load: LoadFn) -> None:
+    """Route files whose name ends with one of ``suffixes`` to ``expand`` and ``load``.
+
+    Parameters
+    ----------
+    suffixes
+        Lower-case name endings with the dot, for example ``(".nii", ".nii.gz")``.
+        Matching is case-insensitive; the last registration wins.
+    expand
+        ``expand(path, name, patient_id, content_hash) -> list[Item]``: the
+        items of one file. ``path`` is absolute, ``name`` is the path as the
+        source gives it, ``content_hash`` is the SHA-256 of the file bytes.
+        Each item needs a distinct ``name`` (``"scan.nii.gz#slice 12"``) and an
+        :class:`ImageRef` payload.
+    load
+        ``load(item) -> np.ndarray``: the pixels of one item as ``HxW`` or
+        ``HxWxC`` (C = 1, 3 or 4), any numeric dtype; raise ``ValueError`` or
+        ``OSError`` with a readable message for a file that cannot be read.
+    """
+    _FORMATS.insert(0, _ImageFormat(tuple(s.lower() for s in suffixes), expand, load))
+
+
+def _format_for(path: Path) -> _ImageFormat | None:
+    lower = path.name.lower()
+    for image_format in _FORMATS:
+        if lower.endswith(image_format.suffixes):
+            return image_format
+    return None
+
+
+def is_image_name(path: Path) -> bool:
+    """Tell whether a folder scan should embed ``path``, judging by its suffix."""
+    if path.name.startswith("."):
+        return False
+    return _format_for(path) is not None or path.suffix.lower() in PILLOW_SUFFIXES
+
+
+def expand_image_file(path: Path, name: str, patient_id: str) -> list[Item]:
+    """Hash one file and turn it into its items (one for a plain image file).
+
+    Raises ``InputError`` when the file cannot be read at all; damaged image
+    data is found later, when the pixels are loaded, and is a per-item failure.
+    """
+    try:
+        content_hash = sha256_bytes(path.read_bytes())
+    except OSError as exc:
+        raise InputError(f"{name}: cannot read the file ({exc.strerror or exc}); check its permissions") from exc
+    image_format = _format_for(path)
+    if image_format is not None:
+        return image_format.expand(path, name, patient_id, content_hash)
+    return [Item(patient_id, name, content_hash, 0, ImageRef(path))]
+
+
+def load_pixels(item: Item) -> np.ndarray:
+    """Load one item's pixels as an ``HxW`` or ``HxWxC`` array, by the registered format or Pillow."""
+    ref: ImageRef = item.payload
+    image_format = _format_for(ref.path)
+    if image_format is not None:
+        return image_format.load(item)
+    return _load_with_pillow(ref.path)
+
+
+def _load_with_pillow(path: Path) -> np.ndarray:
+    from PIL import Image, ImageOps
+
+    if path.stat().st_size == 0:
+        raise ValueError("empty file (0 bytes)")
+    try:
+        with Image.open(path) as image:
+            image.load()
+            image = ImageOps.exif_transpose(image)
+            return _pillow_to_array(image)
+    except Image.UnidentifiedImageError:
+        raise ValueError("not an image file Pillow can read") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ValueError(
+            f"rejected as a possible decompression bomb ({exc}); "
+            "raise PIL.Image.MAX_IMAGE_PIXELS if the image is genuine"
+        ) from None
+    except (OSError, SyntaxError) as exc:
+        # Pillow reports truncated and corrupt data as OSError, and some
+        # plugins as SyntaxError.
+        raise ValueError(f"truncated or corrupt image data ({exc})") from None
+
+
+def _pillow_to_array(image) -> np.ndarray:
+    """Convert a decoded Pillow image to an array that :func:`to_rgb_uint8` understands."""
+    mode = image.mode
+    if mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    elif mode in ("PA", "La", "RGBa"):
+        image = image.convert("RGBA" if mode != "La" else "LA")
+    elif mode in ("1", "CMYK", "YCbCr", "LAB", "HSV"):
+        image = image.convert("L" if mode == "1" else "RGB")
+    # Modes I;16*, I and F come out as uint16, int32 or float32 arrays, which
+    # to_rgb_uint8 scales by min/max.
+    return np.asarray(image)
+
+
+def to_rgb_uint8(pixels: np.ndarray) -> np.ndarray:
+    """Convert ``HxW`` or ``HxWxC`` pixels of any dtype to ``HxWx3`` uint8 RGB.
+
+    ``uint8`` values are kept; any other dtype is scaled by the image's own
+    minimum and maximum to 0-255 (a constant image becomes black). One
+    channel is repeated three times, and an alpha channel (C = 2 or 4) is
+    composited on black.
+    """
+    pixels = np.asarray(pixels)
+    if pixels.ndim == 2:
+        pixels = pixels[:, :, None]
+    if pixels.ndim != 3 or pixels.shape[2] not in (1, 2, 3, 4) or 0 in pixels.shape[:2]:
+        raise ValueError(f"unsupported pixel array shape {pixels.shape}; expected HxW or HxWxC with C in 1-4")
+
+    has_alpha = pixels.shape[2] in (2, 4)
+    colour = pixels[:, :, :-1] if has_alpha else pixels
+    if pixels.dtype == np.uint8:
+        values = colour.astype(np.float32)
+        alpha = pixels[:, :, -1:].astype(np.float32) / 255.0 if has_alpha else None
+    else:
+        values = _scale_min_max(colour.astype(np.float64))
+        alpha = _scale_min_max(pixels[:, :, -1:].astype(np.float64)) / 255.0 if has_alpha else None
+    if alpha is not None:
+        values = values * alpha
+    if values.shape[2] == 1:
+        values = np.repeat(values, 3, axis=2)
+    return np.clip(np.rint(values), 0, 255).astype(np.uint8)
+
+
+def _scale_min_max(values: np.ndarray) -> np.ndarray:
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        return np.zeros_like(values)
+    low, high = float(finite.min()), float(finite.max())
+    if high <= low:
+        return np.zeros_like(values)
+    scaled = (np.nan_to_num(values, nan=low, posinf=high, neginf=low) - low) * (255.0 / (high - low))
+    return scaled
+
+
+@dataclass
+class ImageSource:
+    """The items found in a source, and what the scan left out."""
+
+    items: list[Item]
+    kind: str  # "folder" or "manifest"
+    n_skipped_files: int = 0
+
+
+def collect_image_items(
+    source: str | Path,
+    *,
+    id_pattern: str | None = None,
+    id_column: str = "patient_id",
+    path_column: str = "image",
+) -> ImageSource:
+    """List the images of a folder or CSV manifest as items, without decoding them.
+
+    Parameters
+    ----------
+    source
+        A folder, scanned recursively (class subfolders as Keras
+        ``flow_from_directory`` reads them, or flat), or a ``.csv`` manifest
+        with one row per image.
+    id_pattern
+        A regular expression searched in each file name; its first group is
+        the patient ID. Without it, a folder uses the file stem and a
+        manifest uses ``id_column``.
+    id_column, path_column
+        Manifest columns with the patient ID and the image path. Paths are
+        relative to the manifest's folder and must stay inside it.
+
+    Raises
+    ------
+    InputError
+        For a missing source, a missing column, an empty ID, a path that does
+        not exist or leaves the manifest's folder, a file name that does not
+        match ``id_pattern``, or an image listed twice for one patient.
+    """
+    path = Path(source)
+    pattern = _compile_id_pattern(id_pattern)
+    if path.is_dir():
+        return _collect_folder(path, pattern)
+    if path.is_file():
+        if path.suffix.lower() != ".csv":
+            raise InputError(f"{path}: source must be a folder of images or a .csv manifest, got a {path.suffix or 'suffix-less'} file")
+        return _collect_manifest(path, pattern, id_column, path_column)
+    raise InputError(f"{path}: source not found; give a folder of images or a CSV manifest")
+
+
+def _compile_id_pattern(id_pattern: str | None) -> re.Pattern | None:
+    if id_pattern is None:
+        return None
+    try:
+        pattern = re.compile(id_pattern)
+    except re.error as exc:
+        raise InputError(f"--id-pattern {id_pattern!r} is not a valid regular expression ({exc})") from exc
+    if pattern.groups < 1:
+        raise InputError(f"--id-pattern {id_pattern!r} has no group; put the patient ID part in parentheses, e.g. '^(\\w+?)_'")
+    return pattern
+
+
+def _patient_id_from_name(pattern: re.Pattern | None, file_name: str, where: str) -> str:
+    if pattern is None:
+        return Path(file_name).name.split(".")[0] if file_name.lower().endswith(".nii.gz") else Path(file_name).stem
+    match = pattern.search(file_name)
+    if match is None or not match.group(1):
+        raise InputError(
+            f"{where}: file name {file_name!r} does not match --id-pattern {pattern.pattern!r} "
+            "(or its first group is empty); fix the pattern or rename the file"
+        )
+    return match.group(1)
+
+
+def _collect_folder(folder: Path, pattern: re.Pattern | None) -> ImageSource:
+    items: list[Item] = []
+    n_skipped = 0
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        name = path.relative_to(folder).as_posix()
+        if not is_image_name(path):
+            n_skipped += 1
+            logger.debug("skipped non-image file %s", name)
+            continue
+        patient_id = _patient_id_from_name(pattern, path.name, name)
+        items.extend(expand_image_file(path, name, patient_id))
+    if n_skipped:
+        logger.info("%s: skipped %d file(s) without an image suffix", folder, n_skipped)
+    if not items:
+        raise InputError(f"{folder}: no image files found (looked for {', '.join(PILLOW_SUFFIXES)}); check the folder")
+    return ImageSource(items, "folder", n_skipped)
+
+
+def _collect_manifest(manifest: Path, pattern: re.Pattern | None, id_column: str, path_column: str) -> ImageSource:
+    base = Path(os.path.abspath(manifest)).parent
+    with open(manifest, newline="", encoding="utf-8-sig") as handle:
+        reader = csv.DictReader(handle)
+        columns = reader.fieldnames or []
+        needed = [path_column] if pattern is not None else [id_column, path_column]
+        missing = [column for column in needed if column not in columns]
+        if missing:
+            option = {id_column: "--id-column", path_column: "--path-column"}
+            hints = ", ".join(f"{column!r} (set {option[column]})" for column in missing)
+            raise InputError(f"{manifest}: missing column(s) {hints}; columns found: {', '.join(columns) or 'none'}")
+        rows = list(reader)
+    if not rows:
+        raise InputError(f"{manifest}: the manifest has no rows")
+
+    items: list[Item] = []
+    seen: dict[tuple[str, str], int] = {}
+    # Row numbers count the header as row 1, as a spreadsheet shows them.
+    for row_number, row in enumerate(rows, start=2):
+        where = f"{manifest}, row {row_number}"
+        given = (row.get(path_column) or "").strip()
+        if not given:
+            raise InputError(f"{where}: empty {path_column!r}; give the image path relative to {base}")
+        file_path = _resolve_inside(base, given, where)
+        if pattern is not None:
+            patient_id = _patient_id_from_name(pattern, file_path.name, where)
+        else:
+            patient_id = (row.get(id_column) or "").strip()
+            if not patient_id:
+                raise InputError(f"{where}: empty {id_column!r} for image {given!r}; every row needs a patient ID")
+        key = (patient_id, given)
+        if key in seen:
+            raise InputError(
+                f"{where}: image {given!r} of patient {patient_id!r} is already listed in row {seen[key]}; remove the duplicate row"
+            )
+        seen[key] = row_number
+        items.extend(expand_image_file(file_path, given, patient_id))
+    return ImageSource(items, "manifest", 0)
+
+
+def _resolve_inside(base: Path, given: str, where: str) -> Path:
+    """Return the absolute path of ``given``, which must name a file under ``base``.
+
+    The containment check is lexical (``..`` is resolved, symbolic links are
+    not), so a manifest may sit beside a symbolic link to its image folder.
+    """
+    candidate = Path(given)
+    if candidate.is_absolute():
+        raise InputError(f"{where}: image path {given!r} is absolute; write it relative to the manifest's folder {base}")
+    joined = Path(os.path.normpath(base / candidate))
+    if not joined.is_relative_to(base):
+        raise InputError(
+            f"{where}: image path {given!r} resolves to {joined}, outside the manifest's folder {base}; "
+            "move the image under that folder or the manifest above it"
+        )
+    if not joined.is_file():
+        raise InputError(f"{where}: image {given!r} not found (looked for {joined}); fix the path or remove the row")
+    return joined

@@ -1,0 +1,391 @@
+"""Embed images with Keras MobileNetV2 (no top, global average pooling) into a feature store.
+
+Each image is decoded with Pillow, converted to 3-channel RGB by the rules in
+:data:`mmdx.embed.image_sources.COLOUR_RULE`, resized to
+``image_size x image_size`` with Pillow's bilinear filter (the aspect ratio
+is not kept, as in Keras ``load_img``; Pillow widens the filter when it
+downscales, so it also antialiases), scaled to [-1, 1] by
+``keras.applications.mobilenet_v2.preprocess_input`` and passed through the
+network. Decoding runs in a thread pool while the network works on the
+previous batch; batches keep the input order.
+
+TensorFlow is imported only inside :func:`build_mobilenet`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import random
+import sys
+import tempfile
+import warnings
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from mmdx.embed.image_sources import COLOUR_RULE, collect_image_items, load_pixels, to_rgb_uint8
+from mmdx.embed.runner import EmbedReport, Item, ItemFailure, embed_items, fixed_size_batches
+from mmdx.errors import InputError
+from mmdx.store import FeatureStore
+
+__all__ = ["ENCODER", "build_mobilenet", "embed_images", "keras_runner", "prepare_image", "preprocess_batch"]
+
+logger = logging.getLogger(__name__)
+
+ENCODER = "keras.applications.MobileNetV2"
+RESIZE_METHOD = "Pillow BILINEAR to image_size x image_size, aspect ratio not kept"
+SCALING = "mobilenet_v2.preprocess_input"
+# Alpha values for which Keras publishes ImageNet weights.
+IMAGENET_ALPHAS = (0.35, 0.5, 0.75, 1.0, 1.3, 1.4)
+MIN_IMAGE_SIZE = 32
+
+RunFn = Callable[[np.ndarray], np.ndarray]
+
+
+def embed_images(
+    source: str | Path,
+    store: str | Path,
+    *,
+    weights: str | Path = "imagenet",
+    image_size: int = 128,
+    alpha: float = 1.0,
+    batch_size: int = 64,
+    random_seed: int = 0,
+    id_pattern: str | None = None,
+    id_column: str = "patient_id",
+    path_column: str = "image",
+    on_error: str = "fail",
+    rejects: str | Path | None = None,
+    wait: float | None = 0.0,
+    quiet: bool = False,
+    workers: int | None = None,
+) -> EmbedReport:
+    """Embed every image of ``source`` not yet stored and commit the vectors to ``store``.
+
+    Parameters
+    ----------
+    source
+        A folder of images (scanned recursively) or a CSV manifest; see
+        :func:`mmdx.embed.image_sources.collect_image_items`.
+    store
+        The feature store file (created if absent).
+    weights
+        ``"imagenet"`` (Keras download), ``"random"`` (initialised with
+        ``random_seed``) or the path of a Keras weights file for
+        ``MobileNetV2(include_top=False)`` with the same ``alpha``.
+    image_size
+        Height and width the images are resized to, at least 32.
+    alpha
+        MobileNetV2 width multiplier.
+    batch_size
+        Images per network call and per store commit.
+    random_seed
+        Seed of the initial weights with ``weights="random"``; ignored otherwise.
+    id_pattern, id_column, path_column
+        How patient IDs and image paths are read from the source.
+    on_error
+        ``"fail"`` stops at the first unreadable image, ``"skip"`` leaves it
+        out and lists it in ``rejects``.
+    rejects
+        CSV of skipped images; defaults to ``<store>.rejects-images.csv``.
+    wait
+        Seconds to wait for another writer's lock (``None`` waits forever).
+    quiet
+        Hide the progress bar.
+    workers
+        Decoding threads; defaults to the number of CPUs, at most 4.
+
+    Returns
+    -------
+    EmbedReport
+        Counts of items found, already stored, embedded and failed.
+    """
+    options = _check_options(weights, image_size, alpha, batch_size, on_error)
+    found = collect_image_items(source, id_pattern=id_pattern, id_column=id_column, path_column=path_column)
+    store_path = Path(store)
+    rejects_path = Path(rejects) if rejects is not None else store_path.with_name(store_path.name + ".rejects-images.csv")
+
+    from PIL import Image
+
+    with FeatureStore(store_path, mode="a", wait=wait) as feature_store:
+        model, weights_identity, versions, run = _load_encoder(options["weights"], image_size, alpha, random_seed)
+        width = int(model.output_shape[-1])
+        config = {
+            "weights": weights_identity,
+            "alpha": float(alpha),
+            "image_size": int(image_size),
+            "resize": RESIZE_METHOD,
+            "scaling": SCALING,
+            "colour": COLOUR_RULE,
+            "pooling": "avg",
+            "versions": versions,
+        }
+        info = {
+            "source": str(source),
+            "source_kind": found.kind,
+            "n_images": len(found.items),
+            "n_skipped_files": found.n_skipped_files,
+            "engine": "keras",
+        }
+        if weights_identity["source"] == "file":
+            info["weights_path"] = str(options["weights"])
+        header = feature_store.ensure_set("image", ENCODER, config, width, info)
+
+        def encode(batches: list[list[Item]]):
+            return _encode_batches(batches, run, image_size, workers or min(4, os.cpu_count() or 1))
+
+        # Pillow warns for images above MAX_IMAGE_PIXELS and raises above twice
+        # that; turning this one warning into an error makes both a per-item
+        # failure. The filter is set here, before the decoding threads start.
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            report = embed_items(
+                feature_store,
+                header,
+                found.items,
+                lambda todo: fixed_size_batches(todo, batch_size),
+                encode,
+                on_error=on_error,
+                rejects_path=rejects_path,
+                progress_label="embedding images",
+                quiet=quiet,
+            )
+    if found.n_skipped_files:
+        report.extra["non-image files skipped"] = found.n_skipped_files
+    return report
+
+
+# The last encoder built, so that repeated calls in one process (several
+# sources, tests) skip the model build and the tf.function trace.
+_last_encoder: dict = {}
+
+
+def _load_encoder(weights: str | Path, image_size: int, alpha: float, random_seed: int):
+    """Return ``(model, weights_identity, versions, run)``, reusing the last one when its inputs match."""
+    weights_key = ("file", _file_sha256(weights)) if isinstance(weights, Path) else (weights, int(random_seed))
+    key = (weights_key, int(image_size), float(alpha))
+    if _last_encoder.get("key") != key:
+        _last_encoder.clear()
+        model, identity, versions = build_mobilenet(weights, image_size, alpha, random_seed)
+        _last_encoder.update(key=key, value=(model, identity, versions, keras_runner(model)))
+    return _last_encoder["value"]
+
+
+def _check_options(weights, image_size: int, alpha: float, batch_size: int, on_error: str) -> dict:
+    """Validate options before any model is loaded; return the resolved weights."""
+    if on_error not in ("fail", "skip"):
+        raise InputError(f"--on-error must be fail or skip, got {on_error!r}")
+    if int(image_size) < MIN_IMAGE_SIZE:
+        raise InputError(f"--image-size must be at least {MIN_IMAGE_SIZE} (MobileNetV2's minimum), got {image_size}")
+    if int(batch_size) < 1:
+        raise InputError(f"--batch-size must be at least 1, got {batch_size}")
+    if not alpha > 0:
+        raise InputError(f"--alpha must be positive, got {alpha}")
+    if str(weights) in ("imagenet", "random"):
+        if str(weights) == "imagenet" and float(alpha) not in IMAGENET_ALPHAS:
+            raise InputError(
+                f"--alpha {alpha} has no ImageNet weights; use one of {', '.join(map(str, IMAGENET_ALPHAS))}, "
+                "or --weights random / --weights PATH"
+            )
+        return {"weights": str(weights)}
+    path = Path(weights)
+    if not path.is_file():
+        raise InputError(
+            f"--weights {str(weights)!r}: file not found; give imagenet, random or the path of a "
+            "MobileNetV2 no-top Keras weights file (.weights.h5)"
+        )
+    return {"weights": path}
+
+
+def build_mobilenet(weights: str | Path, image_size: int, alpha: float, random_seed: int = 0):
+    """Build ``MobileNetV2(include_top=False, pooling="avg")`` and load its weights.
+
+    Returns
+    -------
+    tuple
+        ``(model, weights_identity, versions)``: the Keras model, a dict that
+        identifies the weights in the feature set config (file SHA-256, Keras
+        version for ImageNet, or seed for random weights), and the TensorFlow,
+        Keras and Pillow versions.
+
+    Raises
+    ------
+    InputError
+        When the ImageNet download fails or a weights file cannot be loaded.
+    """
+    tf = import_tensorflow()
+    import keras
+    import PIL
+
+    versions = {"tensorflow": tf.__version__, "keras": keras.__version__, "pillow": PIL.__version__}
+    shape = (int(image_size), int(image_size), 3)
+
+    def build(keras_weights):
+        return keras.applications.MobileNetV2(
+            input_shape=shape, alpha=float(alpha), include_top=False, pooling="avg", weights=keras_weights
+        )
+
+    if weights == "random":
+        # Seed Keras for a reproducible initialisation, and put back the Python
+        # and NumPy generator states that set_random_seed also changes.
+        python_state, numpy_state = random.getstate(), np.random.get_state()
+        keras.utils.set_random_seed(int(random_seed))
+        try:
+            model = build(None)
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+        return model, {"source": "random", "seed": int(random_seed)}, versions
+
+    if weights == "imagenet":
+        try:
+            model = build("imagenet")
+        except Exception as exc:  # Keras raises a bare Exception when the download fails.
+            raise InputError(
+                f"--weights imagenet: could not download the Keras ImageNet weights ({exc}); "
+                "pass --weights PATH to a local MobileNetV2 no-top weights file (.weights.h5) instead"
+            ) from exc
+        return model, {"source": "keras-imagenet", "keras_version": keras.__version__}, versions
+
+    path = Path(weights)
+    # Keras warns once per layer it cannot match before it raises; those
+    # warnings are held back so that a failed load prints one error line.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            model = build(str(path))
+        except Exception as exc:  # Keras raises ValueError, OSError or KeyError for unusable files.
+            first_line = (str(exc).strip().splitlines() or [""])[0][:300]
+            raise InputError(
+                f"--weights {path}: not loadable as MobileNetV2 no-top weights with alpha {alpha} "
+                f"({type(exc).__name__}: {first_line}); "
+                "give a Keras .weights.h5 file saved from MobileNetV2(include_top=False) with the same --alpha"
+            ) from exc
+    for record in caught:
+        warnings.warn_explicit(record.message, record.category, record.filename, record.lineno)
+    return model, {"source": "file", "sha256": _file_sha256(path)}, versions
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+_TF_STARTUP_NOISE = ("All log messages before absl::InitializeLog() is called", "oneDNN custom operations are on")
+
+
+def import_tensorflow():
+    """Import TensorFlow without its start-up log lines; return the module.
+
+    ``TF_CPP_MIN_LOG_LEVEL`` defaults to 2 (errors only) unless the user set
+    it. Native code prints a few lines before that setting is read, so
+    stderr goes to a temporary file during the import. Afterwards every
+    captured line except the known informational ones is written back.
+    """
+    if "tensorflow" in sys.modules:
+        return sys.modules["tensorflow"]
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    try:
+        stderr_fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):
+        # No real file descriptor (pytest capture, notebooks): import as is.
+        import tensorflow
+
+        return tensorflow
+
+    sys.stderr.flush()
+    saved_fd = os.dup(stderr_fd)
+    with tempfile.TemporaryFile(mode="w+b") as captured:
+        os.dup2(captured.fileno(), stderr_fd)
+        try:
+            import tensorflow
+        finally:
+            os.dup2(saved_fd, stderr_fd)
+            os.close(saved_fd)
+            captured.seek(0)
+            for line in captured.read().decode("utf-8", "replace").splitlines(keepends=True):
+                if not any(noise in line for noise in _TF_STARTUP_NOISE):
+                    sys.stderr.write(line)
+    return tensorflow
+
+
+def keras_runner(model) -> RunFn:
+    """Wrap a Keras model as ``run(batch_nhwc_float32) -> (n, width) float32``.
+
+    The model runs as one ``tf.function`` traced for any batch size, so the
+    last, smaller batch does not trigger a second trace (``predict_on_batch``
+    traces once per batch shape, and each trace took about 2 s on 2 CPU cores).
+    """
+    import tensorflow as tf
+
+    height, width, channels = model.input_shape[1:]
+    signature = [tf.TensorSpec([None, height, width, channels], tf.float32)]
+    forward = tf.function(lambda batch: model(batch, training=False), input_signature=signature, autograph=False)
+
+    def run(batch: np.ndarray) -> np.ndarray:
+        return np.asarray(forward(tf.convert_to_tensor(batch, tf.float32)), dtype=np.float32)
+
+    return run
+
+
+def prepare_image(item: Item, image_size: int) -> np.ndarray:
+    """Load, colour-convert and resize one item to ``image_size x image_size x 3`` uint8 RGB."""
+    from PIL import Image
+
+    rgb = to_rgb_uint8(load_pixels(item))
+    image = Image.fromarray(rgb, mode="RGB")
+    if image.size != (image_size, image_size):
+        image = image.resize((image_size, image_size), Image.Resampling.BILINEAR)
+    return np.asarray(image, dtype=np.uint8)
+
+
+def preprocess_batch(batch_uint8: np.ndarray) -> np.ndarray:
+    """Scale an NHWC uint8 RGB batch to float32 in [-1, 1] with ``mobilenet_v2.preprocess_input``."""
+    from keras.applications.mobilenet_v2 import preprocess_input
+
+    return np.asarray(preprocess_input(batch_uint8.astype(np.float32)), dtype=np.float32)
+
+
+def _prepare_or_reason(item: Item, image_size: int) -> np.ndarray | str:
+    try:
+        return prepare_image(item, image_size)
+    except (ValueError, OSError) as exc:
+        return str(exc)
+
+
+def _encode_batches(
+    batches: list[list[Item]], run: RunFn, image_size: int, workers: int
+) -> Iterator[tuple[list[Item], np.ndarray, list[ItemFailure]]]:
+    """Decode batches in a thread pool, one batch ahead of the network, and yield them in order."""
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mmdx-decode") as pool:
+        pending: deque[tuple[list[Item], list[Future]]] = deque()
+        upcoming = iter(batches)
+
+        def submit_next() -> None:
+            batch = next(upcoming, None)
+            if batch is not None:
+                pending.append((batch, [pool.submit(_prepare_or_reason, item, image_size) for item in batch]))
+
+        submit_next()
+        submit_next()
+        while pending:
+            batch, futures = pending.popleft()
+            submit_next()
+            done, arrays, failures = [], [], []
+            for item, future in zip(batch, futures):
+                result = future.result()
+                if isinstance(result, str):
+                    failures.append(ItemFailure(item, result))
+                else:
+                    done.append(item)
+                    arrays.append(result)
+            vectors = run(preprocess_batch(np.stack(arrays))) if arrays else np.empty((0, 0), np.float32)
+            yield done, vectors, failures

@@ -1,0 +1,416 @@
+"""``embed_images`` and ``mmdx embed images`` with a narrow, randomly initialised MobileNetV2."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from mmdx.cli import main
+from mmdx.embed.images import embed_images, prepare_image, preprocess_batch
+from mmdx.embed.image_sources import expand_image_file
+from mmdx.errors import InputError
+from mmdx.store import FeatureStore
+
+# A narrow model at a small input size: the real code path in about a second.
+TINY = {"weights": "random", "alpha": 0.35, "image_size": 32, "random_seed": 7, "batch_size": 3, "quiet": True}
+
+
+def write_image(path: Path, seed: int, size=(40, 36), mode="RGB") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(pixels, "RGB").convert(mode).save(path)
+    return path
+
+
+def read_rows(store: Path) -> dict[tuple[str, str, int], tuple[str, np.ndarray]]:
+    reader = FeatureStore(store)
+    (info,) = reader.list_sets()
+    rows = reader.read(info.name).rows
+    return {key: (digest, vector) for key, digest, vector in zip(rows.keys(), rows.hashes.tolist(), rows.vectors)}
+
+
+def assert_same_vector(actual: np.ndarray, expected: np.ndarray) -> None:
+    # Random-weight MobileNetV2 outputs are tiny (about 1e-11), so the
+    # tolerance is relative to the vector's own scale.
+    scale = float(np.abs(expected).max())
+    assert scale > 0
+    np.testing.assert_allclose(actual, expected, rtol=0, atol=1e-4 * scale)
+
+
+@pytest.fixture
+def class_folder(tmp_path) -> Path:
+    folder = tmp_path / "mri"
+    for index, name in enumerate(["glioma/g01.png", "glioma/g02.png", "notumor/n01.png", "notumor/n02.jpg", "n03.png"]):
+        write_image(folder / name, index)
+    (folder / "notumor" / "labels.txt").write_text("not an image")
+    return folder
+
+
+@pytest.fixture
+def medpix_like(tmp_path) -> Path:
+    """A manifest of 7 images for 3 patients, with several pixel modes."""
+    folder = tmp_path / "medpix"
+    rows = []
+    modes = ["RGB", "RGBA", "L", "RGB", "P", "RGB", "RGBA"]
+    for index, mode in enumerate(modes):
+        patient = f"00{index % 3}"
+        name = f"images/{patient}_synpic{index}.png"
+        write_image(folder / name, 100 + index, mode=mode)
+        rows.append((patient, name))
+    manifest = folder / "images.csv"
+    with open(manifest, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["patient_id", "image", "plane"])
+        for patient, name in rows:
+            writer.writerow([patient, name, "axial"])
+    return manifest
+
+
+# Preprocessing ------------------------------------------------------------------
+
+
+def write_mode_samples(folder: Path) -> list[Path]:
+    paths = [write_image(folder / f"{mode}.png", i, mode=mode) for i, mode in enumerate(["RGB", "L", "RGBA", "P", "LA"])]
+    Image.new("CMYK", (30, 20), (10, 200, 30, 5)).save(folder / "cmyk.jpg")
+    Image.fromarray(np.linspace(0, 60000, 30 * 20, dtype=np.uint16).reshape(20, 30)).save(folder / "deep.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(np.random.default_rng(3).integers(0, 256, (20, 30, 3), dtype=np.uint8)).save(
+        folder / "rotated.jpg", exif=exif.tobytes()
+    )
+    return paths + [folder / "cmyk.jpg", folder / "deep.png", folder / "rotated.jpg"]
+
+
+def test_all_modes_scale_to_unit_range(tmp_path):
+    paths = write_mode_samples(tmp_path)
+
+    batch = np.stack([prepare_image(expand_image_file(p, p.name, "p")[0], 32) for p in paths])
+    scaled = preprocess_batch(batch)
+
+    assert batch.shape == (len(paths), 32, 32, 3)
+    assert batch.dtype == np.uint8
+    assert scaled.dtype == np.float32
+    assert scaled.min() >= -1.0
+    assert scaled.max() <= 1.0
+    assert scaled.min() < -0.5  # scaled to [-1, 1], not divided by 255
+
+
+def test_preprocess_input_endpoints():
+    batch = np.array([0, 51, 255], dtype=np.uint8).reshape(1, 1, 3, 1).repeat(3, axis=3)
+
+    scaled = preprocess_batch(batch)
+
+    assert scaled[0, 0, :, 0].tolist() == pytest.approx([-1.0, 51 / 127.5 - 1.0, 1.0])
+
+
+def test_resize_is_bilinear(tmp_path):
+    path = write_image(tmp_path / "a.png", 1, size=(64, 48))
+    expected = np.asarray(Image.open(path).resize((32, 32), Image.Resampling.BILINEAR))
+
+    resized = prepare_image(expand_image_file(path, "a.png", "p")[0], 32)
+
+    assert np.array_equal(resized, expected)
+
+
+# Embedding ------------------------------------------------------------------------
+
+
+def test_folder_embeds_one_row_per_image(class_folder, tmp_path):
+    store = tmp_path / "s.h5"
+
+    report = embed_images(class_folder, store, **TINY)
+
+    assert report.n_items == 5
+    assert report.n_embedded == 5
+    assert report.n_failed == 0
+    assert report.width == 1280
+    assert "non-image files skipped: 1" in report.summary()
+    rows = read_rows(store)
+    assert sorted(rows) == [
+        ("g01", "glioma/g01.png", 0),
+        ("g02", "glioma/g02.png", 0),
+        ("n01", "notumor/n01.png", 0),
+        ("n02", "notumor/n02.jpg", 0),
+        ("n03", "n03.png", 0),
+    ]
+    digest, vector = rows[("n03", "n03.png", 0)]
+    assert digest == hashlib.sha256((class_folder / "n03.png").read_bytes()).hexdigest()
+    assert vector.shape == (1280,)
+
+
+def test_feature_set_config_identity(class_folder, tmp_path):
+    store = tmp_path / "s.h5"
+    embed_images(class_folder, store, **TINY)
+
+    (info,) = FeatureStore(store).list_sets()
+
+    assert info.modality == "image"
+    assert info.encoder == "keras.applications.MobileNetV2"
+    assert info.config["weights"] == {"source": "random", "seed": 7}
+    assert info.config["alpha"] == 0.35
+    assert info.config["image_size"] == 32
+    assert info.config["scaling"] == "mobilenet_v2.preprocess_input"
+    assert info.config["pooling"] == "avg"
+    assert "BILINEAR" in info.config["resize"]
+    assert set(info.config["versions"]) >= {"tensorflow", "keras"}
+    assert info.info["n_images"] == 5
+
+
+def test_other_seed_makes_other_feature_set(class_folder, tmp_path):
+    store = tmp_path / "s.h5"
+    embed_images(class_folder, store, **TINY)
+    embed_images(class_folder, store, **{**TINY, "random_seed": 8})
+
+    names = [info.name for info in FeatureStore(store).list_sets()]
+
+    assert len(names) == 2
+
+
+def test_rerun_embeds_nothing_new(class_folder, tmp_path):
+    store = tmp_path / "s.h5"
+    embed_images(class_folder, store, **TINY)
+    before = read_rows(store)
+
+    report = embed_images(class_folder, store, **TINY)
+
+    assert report.n_embedded == 0
+    assert report.n_already_stored == 5
+    after = read_rows(store)
+    assert sorted(after) == sorted(before)
+    for key in before:
+        assert np.array_equal(after[key][1], before[key][1])
+
+
+def test_changed_file_replaces_its_row(class_folder, tmp_path):
+    store = tmp_path / "s.h5"
+    embed_images(class_folder, store, **TINY)
+    before = read_rows(store)
+    write_image(class_folder / "glioma" / "g02.png", 999)
+
+    report = embed_images(class_folder, store, **TINY)
+
+    assert report.n_embedded == 1
+    after = read_rows(store)
+    assert len(after) == 5
+    key = ("g02", "glioma/g02.png", 0)
+    assert after[key][0] == hashlib.sha256((class_folder / "glioma" / "g02.png").read_bytes()).hexdigest()
+    assert after[key][0] != before[key][0]
+    assert not np.allclose(after[key][1], before[key][1], rtol=1e-3, atol=0)
+    assert np.array_equal(after[("g01", "glioma/g01.png", 0)][1], before[("g01", "glioma/g01.png", 0)][1])
+
+
+def test_manifest_order_irrelevant(medpix_like, tmp_path):
+    shuffled = medpix_like.with_name("shuffled.csv")
+    lines = medpix_like.read_text().splitlines()
+    body = lines[1:]
+    random.Random(3).shuffle(body)
+    assert body != lines[1:]
+    shuffled.write_text("\n".join([lines[0]] + body) + "\n")
+
+    embed_images(medpix_like, tmp_path / "a.h5", **TINY)
+    embed_images(shuffled, tmp_path / "b.h5", **{**TINY, "batch_size": 2})
+
+    first, second = read_rows(tmp_path / "a.h5"), read_rows(tmp_path / "b.h5")
+    assert sorted(first) == sorted(second)
+    assert {key[0] for key in first} == {"000", "001", "002"}
+    for key in first:
+        assert first[key][0] == second[key][0]
+        assert_same_vector(second[key][1], first[key][1])
+
+
+def test_distinct_images_distinct_vectors(medpix_like, tmp_path):
+    embed_images(medpix_like, tmp_path / "a.h5", **TINY)
+    rows = read_rows(tmp_path / "a.h5")
+    vectors = np.stack([vector for _, vector in rows.values()])
+    # Each test image has its own random pixels, so no two vectors agree.
+    for i in range(len(vectors)):
+        for j in range(i + 1, len(vectors)):
+            assert not np.allclose(vectors[i], vectors[j], rtol=1e-3, atol=0)
+
+
+def test_id_pattern_groups_images_by_patient(medpix_like, tmp_path):
+    folder = medpix_like.parent / "images"
+    store = tmp_path / "s.h5"
+
+    embed_images(folder, store, id_pattern=r"^(\d+)_synpic", **TINY)
+
+    patients = sorted(key[0] for key in read_rows(store))
+    assert patients == ["000", "000", "000", "001", "001", "002", "002"]
+
+
+# Unreadable images ---------------------------------------------------------------
+
+
+def add_bad_files(folder: Path) -> None:
+    (folder / "bad").mkdir()
+    (folder / "bad" / "zero.png").write_bytes(b"")
+    data = write_image(folder / "bad" / "cut.png", 50, size=(200, 200)).read_bytes()
+    (folder / "bad" / "cut.png").write_bytes(data[: len(data) // 3])
+    (folder / "bad" / "text.png").write_text("not pixels")
+
+
+def test_bad_files_fail_and_store_unharmed(class_folder, tmp_path):
+    store = tmp_path / "s.h5"
+    embed_images(class_folder, store, **TINY)
+    before = read_rows(store)
+    add_bad_files(class_folder)
+
+    with pytest.raises(InputError, match=r"bad/cut\.png: truncated or corrupt image data.*--on-error skip"):
+        embed_images(class_folder, store, **TINY)
+
+    after = read_rows(store)
+    assert sorted(after) == sorted(before)
+    for key in before:
+        assert np.array_equal(after[key][1], before[key][1])
+    report = embed_images(class_folder, store, on_error="skip", **TINY)  # the writer lock was released
+    assert report.n_failed == 3
+
+
+def test_bad_files_skipped_and_listed(class_folder, tmp_path):
+    store = tmp_path / "s.h5"
+    add_bad_files(class_folder)
+
+    report = embed_images(class_folder, store, on_error="skip", **TINY)
+
+    assert report.n_embedded == 5
+    assert report.n_failed == 3
+    assert report.rejects_path == str(tmp_path / "s.h5.rejects-images.csv")
+    with open(report.rejects_path, newline="") as handle:
+        rejects = {row["item"]: row["reason"] for row in csv.DictReader(handle)}
+    assert rejects["bad/zero.png"] == "empty file (0 bytes)"
+    assert rejects["bad/cut.png"].startswith("truncated or corrupt image data")
+    assert rejects["bad/text.png"] == "not an image file Pillow can read"
+    assert len(read_rows(store)) == 5
+
+
+def test_decompression_bomb_is_item_failure(class_folder, tmp_path, monkeypatch):
+    write_image(class_folder / "huge.png", 5, size=(60, 60))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1500)  # the 40x36 images stay below it
+
+    report = embed_images(class_folder, tmp_path / "s.h5", on_error="skip", **TINY)
+
+    assert [failure.item.name for failure in report.failures] == ["huge.png"]
+    assert "decompression bomb" in report.failures[0].reason
+
+
+# Weights -----------------------------------------------------------------------------
+
+
+def test_missing_weights_file(class_folder, tmp_path):
+    with pytest.raises(InputError, match=r"--weights '.*absent\.weights\.h5': file not found"):
+        embed_images(class_folder, tmp_path / "s.h5", **{**TINY, "weights": tmp_path / "absent.weights.h5"})
+    assert not (tmp_path / "s.h5").exists()
+
+
+def test_unloadable_weights_file(class_folder, tmp_path):
+    path = tmp_path / "broken.weights.h5"
+    path.write_bytes(b"not hdf5")
+    with pytest.raises(InputError, match=r"not loadable as MobileNetV2 no-top weights"):
+        embed_images(class_folder, tmp_path / "s.h5", **{**TINY, "weights": path})
+
+
+def test_weights_file_identity_is_sha256(class_folder, tmp_path):
+    from mmdx.embed.images import build_mobilenet
+
+    model, _, _ = build_mobilenet("random", 32, 0.35, 1)
+    path = tmp_path / "tiny.weights.h5"
+    model.save_weights(path)
+
+    embed_images(class_folder, tmp_path / "s.h5", **{**TINY, "weights": path})
+
+    (info,) = FeatureStore(tmp_path / "s.h5").list_sets()
+    assert info.config["weights"] == {"source": "file", "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    assert info.info["weights_path"] == str(path)
+
+
+def test_imagenet_alpha_without_weights(class_folder, tmp_path):
+    with pytest.raises(InputError, match="--alpha 0.6 has no ImageNet weights"):
+        embed_images(class_folder, tmp_path / "s.h5", weights="imagenet", alpha=0.6)
+
+
+# Command line ------------------------------------------------------------------------
+
+
+def test_cli_embeds_and_prints_summary(class_folder, tmp_path):
+    store = tmp_path / "s.h5"
+    args = ["embed", "images", str(class_folder), "--store", str(store), "--weights", "random", "--alpha", "0.35",
+            "--image-size", "32", "--batch-size", "2", "--quiet"]
+
+    result = CliRunner().invoke(main, args)
+
+    assert result.exit_code == 0, result.output
+    assert "5 items, 5 embedded, 0 already stored, 0 failed (width 1280" in result.output
+
+
+def test_cli_missing_weights_is_one_error_line(class_folder, tmp_path):
+    args = ["embed", "images", str(class_folder), "--store", str(tmp_path / "s.h5"), "--weights", "nope.weights.h5"]
+
+    result = CliRunner().invoke(main, args)
+
+    assert result.exit_code == 1
+    assert result.output.startswith("Error: --weights 'nope.weights.h5': file not found")
+    assert "Traceback" not in result.output
+
+
+def test_cli_image_size_too_small(class_folder, tmp_path):
+    args = ["embed", "images", str(class_folder), "--store", str(tmp_path / "s.h5"), "--image-size", "8"]
+
+    result = CliRunner().invoke(main, args)
+
+    assert result.exit_code == 2
+    assert "--image-size" in result.output
+
+
+# Real data and weights ----------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.shared_data
+def test_medpix_vectors_match_keras_predict(shared_data, shared_mobilenet_weights, tmp_path):
+    import keras
+
+    source = shared_data / "medpix-mr"
+    with open(source / "images.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    # A few RGB and RGBA images: the first rows and the first RGBA row.
+    chosen = rows[:3]
+    for row in rows:
+        if Image.open(source / row["image"]).mode == "RGBA":
+            chosen.append(row)
+            break
+    assert len(chosen) == 4
+    manifest = tmp_path / "images.csv"
+    (tmp_path / "images").symlink_to(source / "images")
+    with open(manifest, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(chosen)
+
+    embed_images(manifest, tmp_path / "s.h5", weights=shared_mobilenet_weights, quiet=True)
+
+    stored = read_rows(tmp_path / "s.h5")
+    inputs = []
+    for row in chosen:
+        image = Image.open(source / row["image"])
+        pixels = np.asarray(image, dtype=np.float32)
+        if image.mode == "RGBA":
+            pixels = pixels[..., :3] * (pixels[..., 3:] / 255.0)
+        resized = Image.fromarray(np.rint(pixels).astype(np.uint8)).resize((128, 128), Image.Resampling.BILINEAR)
+        inputs.append(np.asarray(resized, dtype=np.float32))
+    batch = keras.applications.mobilenet_v2.preprocess_input(np.stack(inputs))
+    model = keras.applications.MobileNetV2(
+        input_shape=(128, 128, 3), include_top=False, pooling="avg", weights=str(shared_mobilenet_weights)
+    )
+    expected = model.predict(batch, verbose=0)
+
+    for row, vector in zip(chosen, expected):
+        digest, actual = stored[(row["patient_id"], row["image"], 0)]
+        assert actual.shape == (1280,)
+        assert float(np.abs(actual - vector).max()) < 1e-4
