@@ -16,6 +16,7 @@ from mmdx.errors import InputError
 from mmdx.store.api import FeatureStore
 from mmdx.train.cv import METRIC_NAMES, cross_validate, restricted_folds
 from mmdx.train.data import DROP_NO_IMAGE, DROP_NO_TEXT, aggregate_rows, load_patient_data
+from mmdx.train.heads import make_concat_head
 from mmdx.train.labels import DROP_NO_LABEL, DROP_UNRECOGNIZED, load_labels
 from mmdx.train.run import train_head
 from mmdx.train.synthetic import write_synthetic_store
@@ -153,6 +154,17 @@ def test_train_head_std_over_folds_and_repeats(synthetic):
     assert len(values) == 6
     assert result.metrics["accuracy"]["mean"] == pytest.approx(np.mean(values))
     assert result.metrics["accuracy"]["std"] == pytest.approx(np.std(values, ddof=1))
+
+
+def test_cv_same_result_in_workers(synthetic):
+    store, labels = synthetic
+    data = load_patient_data(store, load_labels(labels, "patient_id", "label"), "hybrid")
+    factory = make_concat_head(epochs=2)
+    alone = cross_validate(data, factory, n_folds=3, seed=0, repeats=2, n_jobs=1)
+    workers = cross_validate(data, factory, n_folds=3, seed=0, repeats=2, n_jobs=2)
+    np.testing.assert_array_equal(alone.predictions["probability"], workers.predictions["probability"])
+    np.testing.assert_array_equal(alone.predictions["patient_id"], workers.predictions["patient_id"])
+    assert alone.fold_metrics == workers.fold_metrics
 
 
 # Joining and dropping -----------------------------------------------------------
@@ -334,7 +346,7 @@ def test_cli_help_lists_every_option():
     for option in (
         "--store", "--labels", "--id-column", "--label-column", "--positive", "--negative", "--modality",
         "--folds", "--seed", "--repeats", "--epochs", "--batch-size", "--learning-rate", "--out",
-        "--image-set", "--text-set", "--aggregate", "--augmented", "--standardize", "--allow-leak", "--quiet",
+        "--image-set", "--text-set", "--aggregate", "--augmented", "--standardize", "--allow-leak", "--jobs", "--quiet",
     ):
         assert option in result.output, option
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from mmdx.cli import report_errors
+from mmdx.cli.compare import head_options
 
 METRIC_LABELS = {
     "accuracy": "accuracy",
@@ -47,7 +48,6 @@ METRIC_LABELS = {
     show_default=True,
     help="Repeat the cross-validation; repeat r splits with seed + r.",
 )
-@click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True, help="Training epochs per fold.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Mini-batch size in rows.")
 @click.option(
     "--learning-rate", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True, help="Adam step size."
@@ -74,13 +74,18 @@ METRIC_LABELS = {
     is_flag=True,
     help="Also train on augmented image views of the training patients; test on plain views only.",
 )
-@click.option(
-    "--standardize", is_flag=True, help="Standardise inputs with the mean and std of each fold's training part."
-)
+@head_options(multiple_fusions=False)
 @click.option(
     "--allow-leak",
     is_flag=True,
     help="Run even if a text encoder was fine-tuned on test patients; metrics.json then says leaked: true.",
+)
+@click.option(
+    "--jobs",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Folds trained at once in worker processes; 0 means one per CPU core. Results do not depend on it.",
 )
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @report_errors

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 import math
+import multiprocessing
+import sys
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
@@ -130,6 +132,7 @@ def cross_validate(
     repeats: int = 1,
     threshold: float = THRESHOLD,
     on_fold_done: Callable[[dict], None] | None = None,
+    n_jobs: int = 1,
 ) -> CVResult:
     """Train a fresh head per fold and collect out-of-fold predictions.
 
@@ -147,6 +150,11 @@ def cross_validate(
         Probability at or above which a patient is predicted positive.
     on_fold_done
         Called with each fold's metrics dict as soon as it is known (progress).
+    n_jobs
+        Folds trained at once, in forked worker processes that share ``data``
+        with this process. The results do not depend on it. Where ``fork``
+        is not available (Windows, or macOS where it is unsafe) folds run one
+        after another.
 
     Returns
     -------
@@ -154,39 +162,76 @@ def cross_validate(
     """
     if repeats < 1:
         raise InputError(f"--repeats must be at least 1, got {repeats}")
-    columns: dict[str, list] = {name: [] for name in ("patient_id", "label", "probability", "fold", "repeat")}
-    fold_metrics = []
-    widths = data.widths
+    tasks = []
     for repeat in range(repeats):
         for k, (train, test) in enumerate(restricted_folds(data, n_folds, seed + repeat)):
-            x_train, y_train = data.training_rows(train, fold=k)
-            x_test, y_test = data.test_rows(test, fold=k)
-            head = head_factory(widths)
-            head.fit(x_train, y_train, np.random.default_rng([seed + repeat, k]))
-            probability = np.asarray(head.predict_proba(x_test), dtype=np.float32)
+            tasks.append((repeat, k, train, test))
 
-            record = {
-                "repeat": repeat,
-                "fold": k,
-                "n_train": int(len(train)),
-                "n_train_rows": int(len(y_train)),
-                "n_test": int(len(test)),
-                **binary_metrics(y_test, probability, threshold),
-            }
-            fold_metrics.append(record)
-            logger.info("repeat %d fold %d: %s", repeat, k, {name: round(record[name], 4) for name in METRIC_NAMES})
+    global _SHARED
+    _SHARED = (data, head_factory, seed, threshold, tasks)
+    try:
+        outcomes = []
+        for record, probability in _map_tasks(len(tasks), n_jobs):
+            logger.info(
+                "repeat %d fold %d: %s",
+                record["repeat"],
+                record["fold"],
+                {name: round(record[name], 4) for name in METRIC_NAMES},
+            )
             if on_fold_done is not None:
                 on_fold_done(record)
+            outcomes.append((record, probability))
+    finally:
+        _SHARED = None
 
-            columns["patient_id"].extend(data.patient_ids[test].tolist())
-            columns["label"].append(y_test)
-            columns["probability"].append(probability)
-            columns["fold"].append(np.full(len(test), k))
-            columns["repeat"].append(np.full(len(test), repeat))
-
+    columns: dict[str, list] = {name: [] for name in ("patient_id", "label", "probability", "fold", "repeat")}
+    for (repeat, k, _, test), (_, probability) in zip(tasks, outcomes):
+        columns["patient_id"].extend(data.patient_ids[test].tolist())
+        columns["label"].append(data.y[test])
+        columns["probability"].append(probability)
+        columns["fold"].append(np.full(len(test), k))
+        columns["repeat"].append(np.full(len(test), repeat))
     predictions = {
         "patient_id": np.asarray(columns["patient_id"], dtype=object),
         **{name: np.concatenate(columns[name]) for name in ("label", "probability", "fold", "repeat")},
     }
     predictions["prediction"] = (predictions["probability"] >= threshold).astype(np.int64)
+    fold_metrics = [record for record, _ in outcomes]
     return CVResult(predictions, fold_metrics, summarize(fold_metrics))
+
+
+# What the fold workers need. Forked workers inherit it, so neither the data
+# nor the head factory (often a closure) has to be pickled.
+_SHARED: tuple | None = None
+
+
+def _map_tasks(n_tasks: int, n_jobs: int):
+    """Yield ``_run_task(i)`` for every task in order, in worker processes when ``n_jobs`` > 1."""
+    n_jobs = min(int(n_jobs), n_tasks)
+    if n_jobs > 1 and sys.platform.startswith("linux"):
+        context = multiprocessing.get_context("fork")
+        with context.Pool(n_jobs) as pool:
+            yield from pool.imap(_run_task, range(n_tasks))
+        return
+    for index in range(n_tasks):
+        yield _run_task(index)
+
+
+def _run_task(index: int) -> tuple[dict, np.ndarray]:
+    """Train and test the head of one (repeat, fold)."""
+    data, head_factory, seed, threshold, tasks = _SHARED
+    repeat, k, train, test = tasks[index]
+    x_train, y_train = data.training_rows(train, fold=k)
+    x_test, y_test = data.test_rows(test, fold=k)
+    head = head_factory(data.widths)
+    head.fit(x_train, y_train, np.random.default_rng([seed + repeat, k]))
+    probability = np.asarray(head.predict_proba(x_test), dtype=np.float32)
+    record = {
+        "repeat": repeat,
+        "fold": k,
+        "n_train": int(len(train)),
+        "n_train_rows": int(len(y_train)),
+        "n_test": int(len(test)),
+        **binary_metrics(y_test, probability, threshold),
+    }
+    return record, probability

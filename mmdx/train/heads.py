@@ -71,22 +71,27 @@ def adam_step(
     """Apply one Keras-style Adam update in place (``step`` counts from 1).
 
     ``params``, ``grads``, ``m`` and ``v`` are flat float32 buffers of equal
-    length, so one call updates every weight of a head.
+    length, so one call updates every weight of a head. ``grads`` is used as
+    scratch space and overwritten.
+
+    The moments are kept without their ``(1 - beta)`` factors, ``m / (1 - beta_1)``
+    and ``v / (1 - beta_2)``, which saves two passes over the buffers per step.
+    The update is the same as Keras 3's ``m += (g - m) * (1 - beta_1)``,
+    ``v += (g * g - v) * (1 - beta_2)``,
+    ``params -= lr * sqrt(1 - beta_2**t) / (1 - beta_1**t) * m / (sqrt(v) + epsilon)``
+    up to float32 rounding.
     """
     alpha = learning_rate * np.sqrt(1.0 - ADAM_BETA_2**step) / (1.0 - ADAM_BETA_1**step)
-    # m += (g - m) * (1 - beta_1)
-    m *= ADAM_BETA_1
-    m += np.float32(1.0 - ADAM_BETA_1) * grads
-    # v += (g * g - v) * (1 - beta_2), computed in the grads buffer, which is not needed afterwards.
-    v *= ADAM_BETA_2
+    root = np.sqrt(1.0 - ADAM_BETA_2)
+    m *= np.float32(ADAM_BETA_1)
+    m += grads
     np.square(grads, out=grads)
-    grads *= np.float32(1.0 - ADAM_BETA_2)
+    v *= np.float32(ADAM_BETA_2)
     v += grads
-    # params -= alpha * m / (sqrt(v) + epsilon)
     np.sqrt(v, out=grads)
-    grads += np.float32(ADAM_EPSILON)
+    grads += np.float32(ADAM_EPSILON / root)
     np.divide(m, grads, out=grads)
-    grads *= np.float32(alpha)
+    grads *= np.float32(alpha * (1.0 - ADAM_BETA_1) / root)
     params -= grads
 
 
@@ -186,12 +191,17 @@ class ConcatHead:
         return hidden, logits
 
     def loss_and_gradients(
-        self, batches: Mapping[str, np.ndarray], y: np.ndarray, out: np.ndarray | None = None
+        self,
+        batches: Mapping[str, np.ndarray],
+        y: np.ndarray,
+        out: np.ndarray | None = None,
+        out_views: dict[str, np.ndarray] | None = None,
     ) -> tuple[float, np.ndarray]:
         """Return the mean binary cross-entropy of one batch and its gradient as a flat buffer.
 
         ``out``, if given, is a float32 buffer of the size of all weights that
-        receives the gradient (every entry is overwritten).
+        receives the gradient (every entry is overwritten); ``out_views`` are
+        its views from :meth:`_views`, passed to save rebuilding them per batch.
         """
         hidden, logits = self._forward(batches)
         probability = _sigmoid(logits)
@@ -200,7 +210,7 @@ class ConcatHead:
         loss = float(-np.mean(y * np.log(clipped) + (1.0 - y) * np.log(1.0 - clipped)))
 
         grads = np.empty_like(self._flat) if out is None else out
-        views = self._views(grads)
+        views = out_views if out_views is not None else self._views(grads)
         # d loss / d logit of the mean cross-entropy of a sigmoid output.
         d_logits = ((probability - y) / np.float32(len(y)))[:, None]
         h = hidden[0] if len(hidden) == 1 else np.concatenate(hidden, axis=1)
@@ -241,6 +251,7 @@ class ConcatHead:
         m = np.zeros_like(self._flat)
         v = np.zeros_like(self._flat)
         grads = np.empty_like(self._flat)
+        grad_views = self._views(grads)
         step = 0
         # Multi-threaded BLAS only adds synchronisation cost at batch size 32.
         with threadpool_limits(1, user_api="blas"):
@@ -248,7 +259,7 @@ class ConcatHead:
                 for start in range(0, n, self.batch_size):
                     index = order[start : start + self.batch_size]
                     batches = {name: x[index] for name, x in inputs.items()}
-                    self.loss_and_gradients(batches, y[index], out=grads)
+                    self.loss_and_gradients(batches, y[index], out=grads, out_views=grad_views)
                     step += 1
                     adam_step(self._flat, grads, m, v, step, self.learning_rate)
         return self

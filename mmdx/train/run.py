@@ -6,6 +6,7 @@ import csv
 import json
 import logging
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +15,16 @@ from mmdx.atomic import atomic_dir
 from mmdx.errors import InputError
 from mmdx.train.cv import METRIC_NAMES, THRESHOLD, CVResult, cross_validate, restricted_folds
 from mmdx.train.data import AGGREGATES, MODALITIES, PatientData, load_patient_data
-from mmdx.train.heads import HeadFactory, make_concat_head
+from mmdx.train.fusion import (
+    FUSIONS,
+    MASK_KEY,
+    FusionOptions,
+    load_patient_data_keep_missing,
+    make_head_factory,
+    modality_counts,
+    resolve_strategy_options,
+)
+from mmdx.train.heads import HeadFactory
 from mmdx.train.labels import load_labels
 from mmdx.train.leak import check_leaks
 
@@ -49,7 +59,7 @@ def train_head(
     folds: int = 5,
     seed: int = 0,
     repeats: int = 1,
-    epochs: int = 10,
+    epochs: int | None = 10,
     batch_size: int = 32,
     learning_rate: float = 1e-3,
     out: str | Path | None = None,
@@ -57,10 +67,18 @@ def train_head(
     text_set: str | None = None,
     aggregate: str = "mean",
     augmented: bool = False,
-    standardize: bool = False,
+    standardize: bool | None = False,
     allow_leak: bool = False,
+    fusion: str = "concat",
+    dropout: float | None = 0.0,
+    weight_decay: float | None = 0.0,
+    early_stopping: int | None = 0,
+    class_weight: str | None = "none",
+    modality_dropout: float | None = 0.0,
+    keep_missing: bool = False,
     head_factory: HeadFactory | None = None,
     head_name: str = "concat",
+    jobs: int = 0,
     on_fold_done=None,
 ) -> TrainHeadResult:
     """Cross-validate a head on stored vectors, patient by patient, and optionally write the results.
@@ -91,6 +109,18 @@ def train_head(
     allow_leak
         Run even if a text encoder was fine-tuned on evaluated patients, and
         mark the result ``"leaked": true``.
+    fusion, dropout, weight_decay, early_stopping, class_weight, modality_dropout
+        Head strategy and regularisation, as in
+        :class:`~mmdx.train.fusion.FusionOptions`; ``concat`` without
+        regularisation is the recipe head. These, ``epochs`` and
+        ``standardize`` given as None take the strategy's defaults
+        (:data:`~mmdx.train.fusion.STRATEGY_DEFAULTS`).
+    keep_missing
+        With ``hybrid``: keep patients that have only one modality (missing
+        side zeroed, presence mask as input) instead of dropping them.
+    jobs
+        Folds trained at once in worker processes; 0 means one per available
+        CPU core. The results do not depend on it.
     head_factory, head_name
         Another head to train in place of the recipe's concatenation head
         (then ``epochs``, ``batch_size``, ``learning_rate`` and
@@ -102,6 +132,13 @@ def train_head(
     -------
     TrainHeadResult
     """
+    resolved = resolve_strategy_options(
+        fusion, epochs=epochs, dropout=dropout, weight_decay=weight_decay, early_stopping=early_stopping,
+        class_weight=class_weight, standardize=standardize, modality_dropout=modality_dropout,
+    )
+    epochs, dropout, weight_decay = resolved["epochs"], resolved["dropout"], resolved["weight_decay"]
+    early_stopping, class_weight = resolved["early_stopping"], resolved["class_weight"]
+    standardize, modality_dropout = resolved["standardize"], resolved["modality_dropout"]
     config = {
         "store": str(store),
         "labels": str(labels),
@@ -123,21 +160,34 @@ def train_head(
         "augmented": augmented,
         "standardize": standardize,
         "allow_leak": allow_leak,
+        "fusion": fusion,
+        "dropout": dropout,
+        "weight_decay": weight_decay,
+        "early_stopping": early_stopping,
+        "class_weight": class_weight,
+        "modality_dropout": modality_dropout,
+        "keep_missing": keep_missing,
         "head": head_name,
         "threshold": THRESHOLD,
+        "jobs": jobs,
     }
     _check_options(config)
+    fusion_options = _fusion_options(config)
 
     label_table = load_labels(labels, id_column, label_column, positive, negative or None)
-    data = load_patient_data(store, label_table, modality, image_set, text_set, aggregate, augmented)
+    if keep_missing and modality == "hybrid":
+        data = load_patient_data_keep_missing(store, label_table, image_set, text_set, aggregate)
+    else:
+        data = load_patient_data(store, label_table, modality, image_set, text_set, aggregate, augmented)
     for reason, count in data.dropped_counts().items():
         if count:
             logger.info("dropped %d patient(s): %s", count, reason)
     leaks = check_leaks(data, restricted_folds(data, folds, seed), folds, seed, repeats, allow_leak)
 
     if head_factory is None:
-        head_factory = make_concat_head(epochs, batch_size, learning_rate, standardize)
-    cv = cross_validate(data, head_factory, folds, seed, repeats, on_fold_done=on_fold_done)
+        head_factory = make_head_factory(fusion, fusion_options, masked=MASK_KEY in data.x)
+    n_jobs = jobs if jobs > 0 else len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cv = cross_validate(data, head_factory, folds, seed, repeats, on_fold_done=on_fold_done, n_jobs=n_jobs or 1)
 
     report = _report(config, data, cv, leaks.leaked, leaks.findings)
     result = TrainHeadResult(report, config, cv, data)
@@ -152,13 +202,30 @@ def _check_options(config: dict) -> None:
         raise InputError(f"--modality must be one of {', '.join(MODALITIES)}, got {config['modality']!r}")
     if config["aggregate"] not in AGGREGATES:
         raise InputError(f"--aggregate must be one of {', '.join(AGGREGATES)}, got {config['aggregate']!r}")
-    for option, minimum in (("folds", 2), ("repeats", 1), ("epochs", 1), ("batch_size", 1)):
+    for option, minimum in (("folds", 2), ("repeats", 1), ("epochs", 1), ("batch_size", 1), ("jobs", 0)):
         if config[option] < minimum:
             raise InputError(f"--{option.replace('_', '-')} must be at least {minimum}, got {config[option]}")
     if not config["learning_rate"] > 0:
         raise InputError(f"--learning-rate must be positive, got {config['learning_rate']}")
     if config["augmented"] and config["modality"] == "text":
         raise InputError("--augmented uses augmented image views; use it with --modality image or hybrid")
+    if config["augmented"] and config["keep_missing"]:
+        raise InputError("--keep-missing cannot be combined with --augmented; drop one of them")
+    if config["fusion"] not in FUSIONS:
+        raise InputError(f"--fusion must be one of {', '.join(FUSIONS)}, got {config['fusion']!r}")
+
+
+def _fusion_options(config: dict) -> FusionOptions:
+    """Build the head's training settings, turning a range error into an error naming the option."""
+    try:
+        return FusionOptions(
+            epochs=config["epochs"], batch_size=config["batch_size"], learning_rate=config["learning_rate"],
+            dropout=config["dropout"], weight_decay=config["weight_decay"], early_stopping=config["early_stopping"],
+            class_weight=config["class_weight"], standardize=config["standardize"],
+            modality_dropout=config["modality_dropout"],
+        )
+    except ValueError as exc:
+        raise InputError(f"invalid head option: {exc}") from exc
 
 
 def _report(config: dict, data: PatientData, cv: CVResult, leaked: bool, findings: list[str]) -> dict:
@@ -181,6 +248,11 @@ def _report(config: dict, data: PatientData, cv: CVResult, leaked: bool, finding
         "augmented": config["augmented"],
         "standardize": config["standardize"],
         "head": config["head"],
+        "fusion": config["fusion"],
+        "regularisation": {name: config[name] for name in (
+            "dropout", "weight_decay", "early_stopping", "class_weight", "modality_dropout")},
+        "keep_missing": config["keep_missing"],
+        "modality_counts": modality_counts(data),
         "seed": config["seed"],
         "n_folds": config["folds"],
         "repeats": config["repeats"],
