@@ -69,7 +69,7 @@ class FeatureStore:
         self._next_sequence = 0
         self._headers: dict[str, fmt.SetHeader] = {}
         if mode == "r":
-            if not self.path.exists() and not fmt.list_shards(self.path):
+            if not fmt.list_shards(self.path) and not self.path.exists():
                 raise StoreError(
                     f"{self.path}: store not found; check the --store path, or run `mmdx embed` to create it"
                 )
@@ -123,7 +123,8 @@ class FeatureStore:
     # Reading -------------------------------------------------------------
 
     def _exists(self) -> bool:
-        return self.path.exists() or bool(fmt.list_shards(self.path))
+        # Shards before the main file: the first compaction creates one, then deletes the other.
+        return bool(fmt.list_shards(self.path)) or self.path.exists()
 
     def list_sets(self) -> list[FeatureSetInfo]:
         """Summarise every feature set, reading keys but not vectors."""

@@ -420,7 +420,7 @@ def read_store(
         try:
             return _read_store_once(store_path, shards, wanted, with_vectors, strict=gaps < _GAP_ATTEMPTS)
         except FileNotFoundError:
-            if not store_path.exists() and not list_shards(store_path):
+            if not list_shards(store_path) and not store_path.exists():
                 raise StoreError(
                     f"{store_path}: store not found; check the --store path, "
                     "or run `mmdx embed` to create it"

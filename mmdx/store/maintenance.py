@@ -121,17 +121,38 @@ def verify_store(store_path: str | Path) -> VerifyReport:
         The path is missing or a folder (nothing to verify).
     """
     path = Path(store_path)
-    report = VerifyReport(str(path))
     if path.is_dir():
         raise StoreError(f"{path}: is a folder; `mmdx store verify` takes the store's .h5 file")
-    if not path.exists() and not fmt.list_shards(path):
+    if not fmt.list_shards(path) and not path.exists():
         raise StoreError(f"{path}: store not found; check the path")
+    # A writer may commit or compact during the check; check again until the
+    # files stay the same from start to end, so a deleted shard is no fault.
+    for _attempt in range(_VERIFY_ATTEMPTS):
+        before = _snapshot(path)
+        report = _verify_once(path)
+        if _snapshot(path) == before:
+            return report
+    report.notes.append("the store kept changing during the check (a writer is running); results may be stale")
+    return report
 
+
+_VERIFY_ATTEMPTS = 5
+
+
+def _snapshot(path: Path) -> tuple:
+    try:
+        stat = path.stat()
+        main = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+    except FileNotFoundError:
+        main = None
+    return main, tuple(p.name for p in fmt.list_shards(path))
+
+
+def _verify_once(path: Path) -> VerifyReport:
+    report = VerifyReport(str(path))
     configs: dict[str, tuple[dict, int]] = {}
-    folded = 0
-    if path.exists():
-        folded = _verify_file(path, report, configs, is_shard=False)
     shards = fmt.list_shards(path)
+    folded = _verify_file(path, report, configs, is_shard=False) if path.exists() else 0
     stale = [p for p in shards if fmt.shard_sequence(p) <= folded]
     pending = [p for p in shards if fmt.shard_sequence(p) > folded]
     report.n_shards = len(pending)
@@ -287,7 +308,7 @@ def remove_feature_set(store_path: str | Path, name: str, wait: float | None = 0
         The store or the set does not exist, or another writer holds the lock.
     """
     path = Path(store_path)
-    if not path.exists() and not fmt.list_shards(path):
+    if not fmt.list_shards(path) and not path.exists():
         raise StoreError(f"{path}: store not found; check the path")
     with FeatureStore(path, mode="a", wait=wait) as store:
         sets = {info.name: info for info in store.list_sets()}
