@@ -64,8 +64,9 @@ class CVResult:
 def binary_metrics(y: np.ndarray, probability: np.ndarray, threshold: float = THRESHOLD) -> dict[str, float]:
     """Compute the metrics of :data:`METRIC_NAMES` for one test part.
 
-    ROC AUC is NaN when the test part holds one class only; precision, recall
-    and F1 are 0 where undefined (no predicted or no actual positives).
+    ROC AUC and balanced accuracy are NaN when the test part has one class
+    only. Precision, recall and F1 are 0 where undefined (no predicted or no
+    actual positives).
     """
     from sklearn import metrics
 

@@ -44,9 +44,9 @@ _DROP_NO_VECTORS = {"image": DROP_NO_IMAGE, "text": DROP_NO_TEXT}
 class SetChoice:
     """The feature set(s) used for one modality.
 
-    ``names`` holds one set name, or for a per-fold fine-tuned text encoder
-    one name per fold (``names[k]`` is fold k's set) and ``group`` is the
-    group they share.
+    ``names`` contains one set name. For a per-fold fine-tuned text encoder
+    it contains one name per fold (``names[k]`` is fold k's set), and
+    ``group`` is the group they share.
     """
 
     modality: str
@@ -83,7 +83,7 @@ class PatientData:
     x
         Modality to a float32 ``(n_patients, width)`` matrix of aggregated
         plain (view 0) vectors. For a per-fold text encoder, ``x["text"]`` is
-        absent and ``fold_x["text"][k]`` holds fold k's matrix.
+        absent and ``fold_x["text"][k]`` is fold k's matrix.
     labels
         Every labelled patient (also those without vectors), which fixes the folds.
     augmented_index, augmented_x
@@ -138,8 +138,9 @@ class PatientData:
         """Return the training inputs and labels of the patients at ``index``.
 
         With augmented views loaded, each training patient also contributes
-        one row per augmented view; only these patients' views are used, so an
-        augmented view of a test patient never reaches training.
+        one row per augmented view. Only the views of the patients at
+        ``index`` are added, so an augmented view of a test patient never
+        reaches training.
         """
         inputs = self.inputs(fold)
         x = {name: matrix[index] for name, matrix in inputs.items()}
@@ -272,7 +273,7 @@ def load_patient_data(
     modality
         ``"image"``, ``"text"`` or ``"hybrid"`` (both).
     image_set, text_set
-        Feature set names where the store holds several of one modality.
+        Feature set names where the store has several of one modality.
     aggregate
         ``"mean"`` or ``"max"`` over a patient's vectors of one view.
     augmented

@@ -6,11 +6,11 @@ The default head is the recipe's network, written out by hand:
 * hybrid: one ``Dense(128, relu)`` per modality, concatenated, then
   ``Dense(1, sigmoid)``.
 
-It trains like ``keras.Model.fit`` with the Keras defaults: Glorot-uniform
-kernels and zero biases, Adam (learning rate 1e-3, beta_1 0.9, beta_2 0.999,
-epsilon 1e-7, with the bias correction folded into the step size as Keras 3
-does), binary cross-entropy averaged over the batch, and mini-batches
-reshuffled every epoch. ``tests/test_train_keras.py`` trains the same network
+It trains like ``keras.Model.fit`` with the Keras 3 defaults. Kernels start
+Glorot-uniform and biases at zero. The optimiser is Adam with learning rate
+1e-3, beta_1 0.9, beta_2 0.999 and epsilon 1e-7, with the bias correction
+folded into the step size as Keras 3 does. The loss is binary cross-entropy
+averaged over the batch, and mini-batches are reshuffled every epoch. ``tests/test_train_keras.py`` trains the same network
 in Keras from the same weights on the same batches and compares predictions.
 
 Every head follows one interface, :class:`Head`: ``fit(x_by_modality, y, rng)``
@@ -200,8 +200,8 @@ class ConcatHead:
         """Return the mean binary cross-entropy of one batch and its gradient as a flat buffer.
 
         ``out``, if given, is a float32 buffer of the size of all weights that
-        receives the gradient (every entry is overwritten); ``out_views`` are
-        its views from :meth:`_views`, passed to save rebuilding them per batch.
+        receives the gradient, and every entry is overwritten. ``out_views``
+        are its views from :meth:`_views`, so they need not be rebuilt per batch.
         """
         hidden, logits = self._forward(batches)
         probability = _sigmoid(logits)

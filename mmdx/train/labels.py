@@ -40,7 +40,7 @@ class LabelTable(dict):
     values_seen : dict of str to int
         Every non-missing label value as written, with its number of patients.
     positive : str or None
-        The value mapped to 1, or None when the file holds 0/1 labels.
+        The value mapped to 1, or None when the file contains 0/1 labels.
     source : str
         Path of the labels file.
     """
@@ -91,10 +91,10 @@ def load_labels(
     Raises
     ------
     InputError
-        If the file or a column is missing, if ``positive`` or a ``negative``
-        value never occurs, if there are more than two label values and no
-        ``positive``, if the labels are not 0/1 and no ``positive`` is given,
-        or if a patient ID has two different labels.
+        If the file or a column is missing, or ``positive`` or a ``negative``
+        value never occurs. Without ``positive``: if there are more than two
+        label values or the values are not 0/1. Also if a patient ID has two
+        different labels.
     """
     path = Path(path)
     rows = _read_rows(path, id_column, label_column)

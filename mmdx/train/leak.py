@@ -1,4 +1,4 @@
-"""Leak guard: never test a head on patients whose text encoder was fine-tuned on them.
+"""Leak guard: reject a run that tests a head on patients its text encoder was fine-tuned on.
 
 Text fine-tuning records ``config["encoder_training"] = {"group", "fold",
 "n_folds", "seed", "patients"}`` in the feature sets it writes, where

@@ -27,9 +27,9 @@ def write_synthetic_store(
 ) -> dict[str, int]:
     """Write a store with one image and one text set, and a labels CSV, for the same patients.
 
-    Each vector is standard normal noise; for modality ``m`` the first 8
-    dimensions of positive patients are shifted by ``signal[m]`` (0 means the
-    modality carries no label signal). Image rows: ``images_per_patient``
+    Each vector is standard normal noise. For modality ``m``, the first 8
+    dimensions of positive patients are shifted by ``signal[m]``, so 0 means
+    the modality carries no label signal. Image rows: ``images_per_patient``
     plain rows per patient and, per image, ``augmented_views`` augmented
     views (views 1..k) that carry the same shift. Text: one row per patient.
 
