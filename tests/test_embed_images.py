@@ -19,7 +19,15 @@ from mmdx.errors import InputError
 from mmdx.store import FeatureStore
 
 # A narrow model at a small input size: the real code path in about a second.
-TINY = {"weights": "random", "alpha": 0.35, "image_size": 32, "random_seed": 7, "batch_size": 3, "quiet": True}
+TINY = {
+    "weights": "random",
+    "alpha": 0.35,
+    "image_size": 32,
+    "random_seed": 7,
+    "batch_size": 3,
+    "engine": "keras",
+    "quiet": True,
+}
 
 
 def write_image(path: Path, seed: int, size=(40, 36), mode="RGB") -> Path:
@@ -160,7 +168,9 @@ def test_feature_set_config_identity(class_folder, tmp_path):
     assert info.config["pooling"] == "avg"
     assert "BILINEAR" in info.config["resize"]
     assert set(info.config["versions"]) >= {"tensorflow", "keras"}
+    assert info.config["augmentation"]["seed"] == 0
     assert info.info["n_images"] == 5
+    assert info.info["engine"] == "keras"
 
 
 def test_other_seed_makes_other_feature_set(class_folder, tmp_path):
@@ -341,7 +351,7 @@ def test_imagenet_alpha_without_weights(class_folder, tmp_path):
 def test_cli_embeds_and_prints_summary(class_folder, tmp_path):
     store = tmp_path / "s.h5"
     args = ["embed", "images", str(class_folder), "--store", str(store), "--weights", "random", "--alpha", "0.35",
-            "--image-size", "32", "--batch-size", "2", "--quiet"]
+            "--image-size", "32", "--batch-size", "2", "--engine", "keras", "--quiet"]
 
     result = CliRunner().invoke(main, args)
 
@@ -393,7 +403,7 @@ def test_medpix_vectors_match_keras_predict(shared_data, shared_mobilenet_weight
         writer.writeheader()
         writer.writerows(chosen)
 
-    embed_images(manifest, tmp_path / "s.h5", weights=shared_mobilenet_weights, quiet=True)
+    embed_images(manifest, tmp_path / "s.h5", weights=shared_mobilenet_weights, engine="keras", quiet=True)
 
     stored = read_rows(tmp_path / "s.h5")
     inputs = []

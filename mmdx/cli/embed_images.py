@@ -20,6 +20,15 @@ from mmdx.cli import report_errors
 @click.option("--alpha", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True), help="MobileNetV2 width multiplier.")
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1), help="Images per network call and per store commit.")
 @click.option("--random-seed", default=0, show_default=True, type=int, help="Seed of the initial weights with --weights random.")
+@click.option("--engine", type=click.Choice(["auto", "keras", "onnx"]), default="auto", show_default=True, help="Inference engine: auto uses ONNX Runtime when installed and it matches Keras, else Keras.")
+@click.option("--augment-views", default=0, show_default=True, type=click.IntRange(min=0), help="Randomly augmented views stored per image besides the plain one.")
+@click.option("--rotation", default=40.0, show_default=True, type=click.FloatRange(0, 180), help="Augmentation: maximum rotation in degrees.")
+@click.option("--shift", default=0.2, show_default=True, type=click.FloatRange(0, 1, max_open=True), help="Augmentation: maximum shift as a fraction of height and width.")
+@click.option("--shear", default=0.2, show_default=True, type=click.FloatRange(0, 90), help="Augmentation: maximum shear angle in degrees (as Keras ImageDataGenerator).")
+@click.option("--zoom", default=0.2, show_default=True, type=click.FloatRange(0, 1, max_open=True), help="Augmentation: zoom factors drawn from [1 - ZOOM, 1 + ZOOM].")
+@click.option("--flip/--no-flip", default=True, show_default=True, help="Augmentation: flip horizontally with probability 0.5.")
+@click.option("--fill", type=click.Choice(["nearest", "constant", "reflect", "wrap"]), default="nearest", show_default=True, help="Augmentation: how points outside the image are filled.")
+@click.option("--augment-seed", default=0, show_default=True, type=int, help="Seed of the augmentation; the same seed reproduces the same views.")
 @click.option("--id-pattern", default=None, help="Regular expression whose first group, searched in the file name, is the patient ID (default: the file stem, or --id-column for a manifest).")
 @click.option("--id-column", default="patient_id", show_default=True, help="Manifest column with the patient ID.")
 @click.option("--path-column", default="image", show_default=True, help="Manifest column with the image path, relative to the manifest's folder.")
@@ -28,12 +37,17 @@ from mmdx.cli import report_errors
 @click.option("--wait", type=click.FloatRange(min=0), default=0, show_default=True, help="Seconds to wait for another writer's lock on the store.")
 @click.option("--quiet", is_flag=True, help="Hide the progress bar.")
 @report_errors
-def images(source, store, weights, image_size, alpha, batch_size, random_seed, id_pattern, id_column, path_column, on_error, rejects, wait, quiet) -> None:
+def images(
+    source, store, weights, image_size, alpha, batch_size, random_seed, engine, augment_views, rotation, shift,
+    shear, zoom, flip, fill, augment_seed, id_pattern, id_column, path_column, on_error, rejects, wait, quiet,
+) -> None:
     """Embed the images of SOURCE (a folder or a CSV manifest) with MobileNetV2 into --store.
 
-    One 1280-d vector per image, keyed by patient ID and image path; images
-    already stored with the same content are skipped.
+    One 1280-d vector per image, keyed by patient ID and image path, plus
+    --augment-views augmented views of each. Images already stored with the
+    same content are skipped.
     """
+    from mmdx.embed.augment import AugmentSettings
     from mmdx.embed.images import embed_images
 
     report = embed_images(
@@ -44,6 +58,10 @@ def images(source, store, weights, image_size, alpha, batch_size, random_seed, i
         alpha=alpha,
         batch_size=batch_size,
         random_seed=random_seed,
+        augment_views=augment_views,
+        augment=AugmentSettings(rotation=rotation, shift=shift, shear=shear, zoom=zoom, flip=flip, fill=fill),
+        augment_seed=augment_seed,
+        engine=engine,
         id_pattern=id_pattern,
         id_column=id_column,
         path_column=path_column,

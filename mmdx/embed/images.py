@@ -7,13 +7,20 @@ is not kept, as in Keras ``load_img``; Pillow widens the filter when it
 downscales, so it also antialiases), scaled to [-1, 1] by
 ``keras.applications.mobilenet_v2.preprocess_input`` and passed through the
 network. Decoding runs in a thread pool while the network works on the
-previous batch; batches keep the input order.
+previous batch, and batches keep the input order.
+
+With ``augment_views=K`` each image also gets K randomly augmented views
+(rows with view 1..K, see :mod:`mmdx.embed.augment`) in the same feature
+set as its plain vector (view 0). The augmentation settings and seed are
+part of the set's config and K is not, so a re-run with a larger K embeds
+only the missing views.
 
 TensorFlow is imported only inside :func:`build_mobilenet`.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -28,12 +35,13 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from mmdx.embed.augment import AugmentSettings, augment_image, view_generator
 from mmdx.embed.image_sources import COLOUR_RULE, collect_image_items, load_pixels, to_rgb_uint8
 from mmdx.embed.runner import EmbedReport, Item, ItemFailure, embed_items, fixed_size_batches
 from mmdx.errors import InputError
 from mmdx.store import FeatureStore
 
-__all__ = ["ENCODER", "build_mobilenet", "embed_images", "keras_runner", "prepare_image", "preprocess_batch"]
+__all__ = ["ENCODER", "build_mobilenet", "embed_images", "prepare_image", "preprocess_batch"]
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +64,10 @@ def embed_images(
     alpha: float = 1.0,
     batch_size: int = 64,
     random_seed: int = 0,
+    augment_views: int = 0,
+    augment: AugmentSettings | None = None,
+    augment_seed: int = 0,
+    engine: str = "auto",
     id_pattern: str | None = None,
     id_column: str = "patient_id",
     path_column: str = "image",
@@ -86,6 +98,19 @@ def embed_images(
         Images per network call and per store commit.
     random_seed
         Seed of the initial weights with ``weights="random"``; ignored otherwise.
+    augment_views
+        Number of randomly augmented views stored per image besides the
+        plain one (view 0).
+    augment
+        Ranges of the augmentation; the recipe's defaults when ``None``.
+        Part of the feature set config even with ``augment_views=0``.
+    augment_seed
+        Seed of the augmentation; with the same seed, settings and image
+        bytes, view k is the same in every run.
+    engine
+        ``"auto"``, ``"keras"`` or ``"onnx"``; see
+        :func:`mmdx.embed.engines.select_image_engine`. The engine does not
+        change the feature set.
     id_pattern, id_column, path_column
         How patient IDs and image paths are read from the source.
     on_error
@@ -106,14 +131,24 @@ def embed_images(
         Counts of items found, already stored, embedded and failed.
     """
     options = _check_options(weights, image_size, alpha, batch_size, on_error)
+    if int(augment_views) < 0:
+        raise InputError(f"--augment-views must be 0 or more, got {augment_views}")
+    augment = augment or AugmentSettings()
     found = collect_image_items(source, id_pattern=id_pattern, id_column=id_column, path_column=path_column)
+    items = [
+        Item(item.patient_id, item.name, item.content_hash, view, item.payload)
+        for item in found.items
+        for view in range(int(augment_views) + 1)
+    ]
     store_path = Path(store)
     rejects_path = Path(rejects) if rejects is not None else store_path.with_name(store_path.name + ".rejects-images.csv")
 
     from PIL import Image
 
     with FeatureStore(store_path, mode="a", wait=wait) as feature_store:
-        model, weights_identity, versions, run = _load_encoder(options["weights"], image_size, alpha, random_seed)
+        model, weights_identity, versions, engine_name, run = _load_encoder(
+            options["weights"], image_size, alpha, random_seed, engine
+        )
         width = int(model.output_shape[-1])
         config = {
             "weights": weights_identity,
@@ -124,20 +159,23 @@ def embed_images(
             "colour": COLOUR_RULE,
             "pooling": "avg",
             "versions": versions,
+            "augmentation": augment.config(augment_seed),
         }
         info = {
             "source": str(source),
             "source_kind": found.kind,
             "n_images": len(found.items),
             "n_skipped_files": found.n_skipped_files,
-            "engine": "keras",
+            "augment_views": int(augment_views),
+            "engine": engine_name,
         }
         if weights_identity["source"] == "file":
             info["weights_path"] = str(options["weights"])
         header = feature_store.ensure_set("image", ENCODER, config, width, info)
 
         def encode(batches: list[list[Item]]):
-            return _encode_batches(batches, run, image_size, workers or min(4, os.cpu_count() or 1))
+            prepare = functools.partial(_prepare_or_reason, image_size=image_size, augment=augment, seed=augment_seed)
+            return _encode_batches(batches, run, prepare, workers or min(4, os.cpu_count() or 1))
 
         # Pillow warns for images above MAX_IMAGE_PIXELS and raises above twice
         # that; turning this one warning into an error makes both a per-item
@@ -147,7 +185,7 @@ def embed_images(
             report = embed_items(
                 feature_store,
                 header,
-                found.items,
+                items,
                 lambda todo: fixed_size_batches(todo, batch_size),
                 encode,
                 on_error=on_error,
@@ -157,6 +195,9 @@ def embed_images(
             )
     if found.n_skipped_files:
         report.extra["non-image files skipped"] = found.n_skipped_files
+    if augment_views:
+        report.extra["images"] = len(found.items)
+        report.extra["augmented views per image"] = int(augment_views)
     return report
 
 
@@ -165,14 +206,17 @@ def embed_images(
 _last_encoder: dict = {}
 
 
-def _load_encoder(weights: str | Path, image_size: int, alpha: float, random_seed: int):
-    """Return ``(model, weights_identity, versions, run)``, reusing the last one when its inputs match."""
+def _load_encoder(weights: str | Path, image_size: int, alpha: float, random_seed: int, engine: str):
+    """Return ``(model, weights_identity, versions, engine_name, run)``, reusing the last one when its inputs match."""
+    from mmdx.embed.engines import select_image_engine
+
     weights_key = ("file", _file_sha256(weights)) if isinstance(weights, Path) else (weights, int(random_seed))
-    key = (weights_key, int(image_size), float(alpha))
+    key = (weights_key, int(image_size), float(alpha), engine)
     if _last_encoder.get("key") != key:
         _last_encoder.clear()
         model, identity, versions = build_mobilenet(weights, image_size, alpha, random_seed)
-        _last_encoder.update(key=key, value=(model, identity, versions, keras_runner(model)))
+        engine_name, run = select_image_engine(model, engine)
+        _last_encoder.update(key=key, value=(model, identity, versions, engine_name, run))
     return _last_encoder["value"]
 
 
@@ -317,25 +361,6 @@ def import_tensorflow():
     return tensorflow
 
 
-def keras_runner(model) -> RunFn:
-    """Wrap a Keras model as ``run(batch_nhwc_float32) -> (n, width) float32``.
-
-    The model runs as one ``tf.function`` traced for any batch size, so the
-    last, smaller batch does not trigger a second trace (``predict_on_batch``
-    traces once per batch shape, and each trace took about 2 s on 2 CPU cores).
-    """
-    import tensorflow as tf
-
-    height, width, channels = model.input_shape[1:]
-    signature = [tf.TensorSpec([None, height, width, channels], tf.float32)]
-    forward = tf.function(lambda batch: model(batch, training=False), input_signature=signature, autograph=False)
-
-    def run(batch: np.ndarray) -> np.ndarray:
-        return np.asarray(forward(tf.convert_to_tensor(batch, tf.float32)), dtype=np.float32)
-
-    return run
-
-
 def prepare_image(item: Item, image_size: int) -> np.ndarray:
     """Load, colour-convert and resize one item to ``image_size x image_size x 3`` uint8 RGB."""
     from PIL import Image
@@ -347,22 +372,27 @@ def prepare_image(item: Item, image_size: int) -> np.ndarray:
     return np.asarray(image, dtype=np.uint8)
 
 
-def preprocess_batch(batch_uint8: np.ndarray) -> np.ndarray:
-    """Scale an NHWC uint8 RGB batch to float32 in [-1, 1] with ``mobilenet_v2.preprocess_input``."""
+def preprocess_batch(batch: np.ndarray) -> np.ndarray:
+    """Scale an NHWC RGB batch with values in 0..255 to float32 in [-1, 1] with ``mobilenet_v2.preprocess_input``."""
     from keras.applications.mobilenet_v2 import preprocess_input
 
-    return np.asarray(preprocess_input(batch_uint8.astype(np.float32)), dtype=np.float32)
+    return np.asarray(preprocess_input(np.asarray(batch, dtype=np.float32)), dtype=np.float32)
 
 
-def _prepare_or_reason(item: Item, image_size: int) -> np.ndarray | str:
+def _prepare_or_reason(item: Item, *, image_size: int, augment: AugmentSettings, seed: int) -> np.ndarray | str:
+    """Return the network input of one item (augmented for views 1..K), or the reason it failed."""
     try:
-        return prepare_image(item, image_size)
+        image = prepare_image(item, image_size)
     except (ValueError, OSError) as exc:
         return str(exc)
+    if item.view == 0:
+        return image
+    index = getattr(item.payload, "index", None)
+    return augment_image(image, augment, view_generator(seed, item.content_hash, item.view, index))
 
 
 def _encode_batches(
-    batches: list[list[Item]], run: RunFn, image_size: int, workers: int
+    batches: list[list[Item]], run: RunFn, prepare: Callable[[Item], np.ndarray | str], workers: int
 ) -> Iterator[tuple[list[Item], np.ndarray, list[ItemFailure]]]:
     """Decode batches in a thread pool, one batch ahead of the network, and yield them in order."""
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mmdx-decode") as pool:
@@ -372,7 +402,7 @@ def _encode_batches(
         def submit_next() -> None:
             batch = next(upcoming, None)
             if batch is not None:
-                pending.append((batch, [pool.submit(_prepare_or_reason, item, image_size) for item in batch]))
+                pending.append((batch, [pool.submit(prepare, item) for item in batch]))
 
         submit_next()
         submit_next()
