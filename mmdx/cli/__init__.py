@@ -56,5 +56,9 @@ def _register() -> None:
     main.add_command(train.train_head)
     main.add_command(store.store)
 
+    from mmdx.cli import compare
+
+    main.add_command(compare.compare)
+
 
 _register()

@@ -36,6 +36,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from mmdx.errors import InputError
 from mmdx.train.heads import adam_step, glorot_uniform
 
 __all__ = [
@@ -44,7 +45,11 @@ __all__ = [
     "FusionHead",
     "FusionOptions",
     "LateFusionHead",
+    "STRATEGY_DEFAULTS",
+    "load_patient_data_keep_missing",
     "make_head_factory",
+    "modality_counts",
+    "resolve_strategy_options",
 ]
 
 logger = logging.getLogger(__name__)
@@ -86,6 +91,16 @@ class FusionOptions:
     modality_dropout
         Probability, per training row and epoch, of hiding one of its
         modalities (chosen at random) when it has more than one.
+    inner_folds
+        Inner folds of late fusion's stacking.
+    select_alpha
+        Late fusion stacks a modality only if its inner out-of-fold AUC
+        exceeds 0.5 with one-sided DeLong p below this; 1 stacks every
+        modality.
+    late_bagging
+        Late fusion predicts each modality with the mean probability of its
+        head fitted on all training rows and its inner-fold heads (which
+        lowers the variance of small heads), instead of the full head alone.
     """
 
     epochs: int = 10
@@ -100,6 +115,8 @@ class FusionOptions:
     standardize: bool = False
     modality_dropout: float = 0.0
     inner_folds: int = 3
+    select_alpha: float = 0.05
+    late_bagging: bool = True
 
     def is_recipe(self) -> bool:
         """Return True when only the recipe's settings (epochs, batch, step size, standardising) are set."""
@@ -115,6 +132,29 @@ class FusionOptions:
             raise ValueError(f"class_weight must be 'balanced' or 'none', got {self.class_weight!r}")
         if self.weight_decay < 0 or self.early_stopping < 0 or self.epochs < 1:
             raise ValueError("weight_decay and early_stopping must be >= 0 and epochs >= 1")
+
+
+# Defaults per strategy of the options that train-head and compare leave unset.
+# concat keeps the recipe (10 epochs, nothing else); the others were chosen by
+# cross-validation on medpix-mr (see docs/results.md).
+STRATEGY_DEFAULTS = {
+    "concat": {"epochs": 10, "dropout": 0.0, "weight_decay": 0.0, "early_stopping": 0,
+               "class_weight": "none", "standardize": False, "modality_dropout": 0.0},
+    "late": {"epochs": 10, "dropout": 0.0, "weight_decay": 0.0, "early_stopping": 0,
+             "class_weight": "none", "standardize": False, "modality_dropout": 0.0},
+    "gated": {"epochs": 10, "dropout": 0.0, "weight_decay": 0.0, "early_stopping": 0,
+              "class_weight": "none", "standardize": True, "modality_dropout": 0.0},
+    "attention": {"epochs": 10, "dropout": 0.0, "weight_decay": 0.0, "early_stopping": 0,
+                  "class_weight": "none", "standardize": True, "modality_dropout": 0.0},
+}
+
+
+def resolve_strategy_options(fusion: str, **values) -> dict:
+    """Return ``values`` with every None replaced by the default of ``fusion``."""
+    if fusion not in STRATEGY_DEFAULTS:
+        raise InputError(f"--fusion must be one of {', '.join(FUSIONS)}, got {fusion!r}")
+    defaults = STRATEGY_DEFAULTS[fusion]
+    return {key: (defaults[key] if value is None else value) for key, value in values.items()}
 
 
 def _split_inputs(
@@ -468,6 +508,10 @@ class LateFusionHead:
         a caller can check that no test row was among them.
     stacker_
         The fitted ``sklearn.linear_model.LogisticRegression``.
+    selected_
+        Positions of the modalities in the stack (see ``options.select_alpha``).
+    inner_aucs_
+        Inner out-of-fold ROC AUC per modality.
     """
 
     def __init__(self, widths: Mapping[str, int], options: FusionOptions | None = None, unimodal_factory=None):
@@ -482,6 +526,8 @@ class LateFusionHead:
         self.heads: dict[str, object] = {}
         self.stacker_ = None
         self.stacker_training_inputs_: dict[str, np.ndarray] = {}
+        self.selected_: list[int] = list(range(len(self.modalities)))
+        self.inner_aucs_: dict[str, float] = {}
         self._use_mask = False
 
     def _stack_features(self, probabilities: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -507,31 +553,69 @@ class LateFusionHead:
         splitter = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=int(rng.integers(2**31 - 1)))
 
         out_of_fold = np.full((len(y), len(self.modalities)), 0.5)
+        inner_heads: dict[str, list] = {name: [] for name in self.modalities}
         for inner_train, inner_test in splitter.split(np.zeros(len(y)), y):
             for position, name in enumerate(self.modalities):
                 head = self._fit_unimodal(position, xs, mask, y, inner_train, rng)
+                inner_heads[name].append(head)
                 present = inner_test[mask[inner_test, position] > 0]
                 if present.size:
                     out_of_fold[present, position] = head.predict_proba({name: xs[position][present]})
 
+        self.selected_ = self._select_modalities(out_of_fold, mask, y)
+        keep = np.isin(np.arange(len(self.modalities)), self.selected_)
         self.stacker_ = LogisticRegression(C=1.0)
-        self.stacker_.fit(self._stack_features(out_of_fold, mask), y)
+        self.stacker_.fit(self._stack_features(out_of_fold, mask * keep), y)
         self.stacker_training_inputs_ = {name: np.asarray(x) for name, x in zip(self.modalities, xs)}
         logger.debug("late fusion stacker coefficients %s", self.stacker_.coef_.tolist())
 
         all_rows = np.arange(len(y))
-        self.heads = {name: self._fit_unimodal(position, xs, mask, y, all_rows, rng)
-                      for position, name in enumerate(self.modalities)}
+        self.heads = {}
+        for position in self.selected_:
+            name = self.modalities[position]
+            full = self._fit_unimodal(position, xs, mask, y, all_rows, rng)
+            self.heads[name] = [full, *inner_heads[name]] if self.options.late_bagging else [full]
         return self
+
+    def _select_modalities(self, out_of_fold: np.ndarray, mask: np.ndarray, y: np.ndarray) -> list[int]:
+        """Return the positions of the modalities whose inner out-of-fold AUC is above 0.5.
+
+        A modality is kept when DeLong's one-sided test of its AUC against 0.5
+        gives p < ``options.select_alpha`` on the rows that have it; when none
+        passes, the one with the highest AUC is kept alone. So a modality
+        without measurable signal adds no noise to the stack.
+        """
+        from scipy import stats
+
+        from mmdx.train.stats import delong_auc_variance
+
+        aucs, selected = [], []
+        for position, name in enumerate(self.modalities):
+            present = mask[:, position] > 0
+            if self.options.select_alpha >= 1 or len(np.unique(y[present])) < 2:
+                aucs.append(0.5)
+                selected.append(position)
+                continue
+            auc, variance = delong_auc_variance(y[present], out_of_fold[present, position])
+            p_value = float(stats.norm.sf((auc - 0.5) / np.sqrt(variance))) if variance > 0 else 1.0
+            aucs.append(auc)
+            logger.debug("late fusion: inner out-of-fold AUC of %s %.3f (p %.3g)", name, auc, p_value)
+            if p_value < self.options.select_alpha:
+                selected.append(position)
+        self.inner_aucs_ = dict(zip(self.modalities, aucs))
+        return selected or [int(np.argmax(aucs))]
 
     def predict_proba(self, x_by_modality: Mapping[str, np.ndarray]) -> np.ndarray:
         """Return the stacked positive-class probability of every row, shape ``(n,)``."""
         xs, mask = _split_inputs(x_by_modality, self.modalities)
         probabilities = np.full((len(mask), len(self.modalities)), 0.5)
+        keep = np.isin(np.arange(len(self.modalities)), self.selected_)
+        mask = mask * keep
         for position, name in enumerate(self.modalities):
             present = np.flatnonzero(mask[:, position] > 0)
             if present.size:
-                probabilities[present, position] = self.heads[name].predict_proba({name: xs[position][present]})
+                inputs = {name: xs[position][present]}
+                probabilities[present, position] = np.mean([head.predict_proba(inputs) for head in self.heads[name]], axis=0)
         return self.stacker_.predict_proba(self._stack_features(probabilities, mask))[:, 1].astype(np.float32)
 
 
