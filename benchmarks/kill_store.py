@@ -1,9 +1,9 @@
 """Kill a process writing a feature store at random moments and check the store after each kill.
 
 The writer is a real subprocess that embeds items through
-``mmdx.embed.runner.embed_items`` with a deterministic fake encoder, commits a
-batch at a time, and compacts the journal every few commits, so kills land in
-commits, compactions, the closing compaction and start-up alike. After each
+``mmdx.embed.runner.embed_items`` with a deterministic fake encoder. It
+commits a batch at a time and compacts the journal every few commits, so
+kills land in commits, compactions, the closing compaction and start-up. After each
 kill (SIGKILL, or SIGINT for a share of them) the store must open, pass
 ``verify_store``, and hold every row the writer reported as committed with
 exactly the expected vector. The writer is then restarted until one run
@@ -318,9 +318,9 @@ class EmbedKillSummary(KillSummary):
 def run_embed_texts_kills(workdir: Path, kills: int, n_rows: int = 120, batch_size: int = 4, seed: int = 0):
     """Kill `mmdx embed texts` with a tiny BERT ``kills`` times on one store, then finish it.
 
-    Most kills wait until the run has committed a random number of batches
-    (counted as journal shards), read the store, then kill within 50 ms; the
-    rows read before the kill must survive it. Every row stored after a kill
+    Each kill waits until the run has committed a random number of batches
+    (counted as journal shards) and reads the store. It kills within 50 ms
+    after that, and the rows read before the kill must survive it. Every row stored after a kill
     must equal the uninterrupted run's vector within ``TOLERANCE``.
     """
     from mmdx.store import FeatureStore

@@ -28,8 +28,8 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
     Files written into the yielded folder appear at ``target`` together, when
     the block ends without an exception. An existing ``target`` is replaced:
     on Linux both folders are swapped in one ``renameat2(RENAME_EXCHANGE)``
-    call, so ``target`` always exists and holds either the old or the new
-    files. On an exception the temporary folder is deleted and ``target`` is
+    call, so ``target`` always exists and contains either the old or the
+    new files. On an exception the temporary folder is deleted and ``target`` is
     left as it was. A kill leaves the old ``target`` (or none, if there was
     none) and a ``.<name>.tmp-<pid>-*`` folder beside it, which the next call
     for the same ``target`` deletes once that process is gone.
@@ -53,7 +53,7 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
 
 def _replace_existing(staging: Path, target: Path) -> None:
     if _exchange(staging, target):
-        return  # staging now holds the old files; the caller deletes it
+        return  # staging now contains the old files, and the caller deletes it
     # NOTE: without renameat2 (not Linux, or a file system without
     # RENAME_EXCHANGE) a kill between these two renames leaves no target
     # but a .<name>.old-<pid> folder, which the next call moves back.

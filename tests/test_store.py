@@ -128,8 +128,8 @@ def test_repeated_keys_from_merge_resolve_last(tmp_path):
 
 def test_stale_shards_after_killed_removal_stay_out(tmp_path):
     # A kill between swapping in the new main file and deleting the shards
-    # leaves shards the new main file already covers; a removed set must
-    # not come back from them.
+    # leaves shards that the new main file already covers. A removed set
+    # must not come back from them.
     path = tmp_path / "s.h5"
     with FeatureStore(path, mode="a") as store:
         keep = store.ensure_set("text", "tiny-bert", CONFIG, WIDTH)
@@ -277,3 +277,19 @@ def test_store_readable_in_read_only_folder(tmp_path):
     finally:
         folder.chmod(0o755)
     assert sorted(p.name for p in folder.rglob("*")) == before
+
+
+def test_main_file_without_applied_attribute(tmp_path):
+    # Version 1 files written before journal_applied_through existed lack it;
+    # their pending shards must all apply, and new shards must follow them.
+    path = tmp_path / "s.h5"
+    name = make_store(path, ["p1", "p2"])
+    with h5py.File(path, "a") as handle:
+        del handle.attrs[fmt.APPLIED_ATTR]
+    with FeatureStore(path, mode="a") as store:
+        header = store.ensure_set("text", "tiny-bert", CONFIG, WIDTH)
+        commit_rows(store, header, ["p3"])
+        assert [fmt.shard_sequence(p) for p in fmt.list_shards(path)] == [1]
+        assert len(FeatureStore(path).read(name).rows) == 3
+    assert len(FeatureStore(path).read(name).rows) == 3
+    assert verify_store(path).ok

@@ -408,7 +408,7 @@ def read_store(
     reads keys and hashes only, for listings. The result is the state after
     some commit that finished before this call returned. A compaction
     running at the same time can delete shards before they are read, and a
-    directory listing taken during a commit can miss a shard; both make the
+    directory listing taken during a commit can miss a shard. Both make the
     read start again.
     """
     wanted = None if names is None else set(names)
@@ -437,7 +437,7 @@ _GAP_ATTEMPTS = 5
 
 
 class _JournalGap(Exception):
-    """The shard listing skips a sequence number, so a commit was only partly seen."""
+    """The shard listing skips a sequence number, so it missed a shard renamed during the listing."""
 
 
 def _read_store_once(store_path, shards, wanted, with_vectors, strict=True) -> dict[str, FeatureSet]:
@@ -495,8 +495,8 @@ def check_readable(store_path: Path) -> None:
 def rebuild_main(store_path: Path, drop: Iterable[str] = (), extra: Iterable[FeatureSet] = ()) -> None:
     """Write a fresh main file from the current one plus the journal, then swap it in.
 
-    ``drop`` names feature sets to leave out; ``extra`` adds whole feature sets
-    (as a merge does), after the journal, so their rows win on equal keys.
+    ``drop`` names feature sets to leave out. ``extra`` adds whole feature
+    sets (as a merge does) after the journal, so their rows win on equal keys.
     The caller holds the writer lock. Sets are copied group by group, so
     memory stays bounded by one set's journal rows. The new main file
     records the last folded shard sequence, and the shards are deleted only
@@ -547,6 +547,7 @@ def rebuild_main(store_path: Path, drop: Iterable[str] = (), extra: Iterable[Fea
 
 def _merge_group(root: h5py.Group, header: SetHeader, rows: Rows, where: str) -> None:
     rows = last_wins(rows)
+
     if header.name not in root:
         group = root.create_group(header.name)
         for key, value in header.to_attrs().items():
@@ -561,6 +562,7 @@ def _merge_group(root: h5py.Group, header: SetHeader, rows: Rows, where: str) ->
             f"{where}: feature set {header.name!r} exists with a different configuration; "
             "vectors of different configurations never mix"
         )
+
     patient_ids, items, _hashes, views = _read_keys(group)
     index = {key: i for i, key in enumerate(zip(patient_ids.tolist(), items.tolist(), views.tolist()))}
     append_from = []

@@ -90,7 +90,7 @@ class Fault:
 
 @dataclass
 class VerifyReport:
-    """What :func:`verify_store` checked and the faults it found."""
+    """Result of :func:`verify_store`: the sets and rows checked, faults and notes."""
 
     path: str
     feature_sets: list[str] = field(default_factory=list)
@@ -107,11 +107,12 @@ class VerifyReport:
 def verify_store(store_path: str | Path) -> VerifyReport:
     """Check every file of a store for faults, reading every row.
 
-    Checks the format version, the attributes of each feature set (and that
-    its name is the hash of its configuration), dataset shapes and dtypes,
-    equal row counts, NaN or inf vectors, repeated keys, the SHA-256 format of
-    item hashes, journal shards that cannot be read or whose configuration
-    differs from the main file, and gaps in the shard sequence. Leftovers of
+    The checks cover the format version and the attributes of each feature
+    set, including that its name is the hash of its configuration. They also
+    cover dataset shapes and dtypes, equal row counts, NaN or inf vectors,
+    repeated keys and the SHA-256 format of item hashes. Journal shards must
+    be readable, match the main file's configuration, and follow each other
+    without a gap in their sequence. Leftovers of
     killed writers are listed as notes, not faults: the next writer deletes
     them.
 
@@ -125,8 +126,8 @@ def verify_store(store_path: str | Path) -> VerifyReport:
         raise StoreError(f"{path}: is a folder; `mmdx store verify` takes the store's .h5 file")
     if not fmt.list_shards(path) and not path.exists():
         raise StoreError(f"{path}: store not found; check the path")
-    # A writer may commit or compact during the check; check again until the
-    # files stay the same from start to end, so a deleted shard is no fault.
+    # A writer may commit or compact during the check. Checking again until the
+    # files stay the same from start to end keeps a deleted shard from being a fault.
     for _attempt in range(_VERIFY_ATTEMPTS):
         before = _snapshot(path)
         report = _verify_once(path)
@@ -326,7 +327,7 @@ def remove_feature_set(store_path: str | Path, name: str, wait: float | None = 0
 def export_feature_set(store_path: str | Path, name: str, out: str | Path) -> int:
     """Write one feature set to ``.npz`` or ``.csv`` and return the number of rows.
 
-    The ``.npz`` file holds ``patient_ids``, ``items``, ``item_hashes`` and
+    The ``.npz`` file contains ``patient_ids``, ``items``, ``item_hashes`` and
     ``views`` (1-D) and ``vectors`` (float32, rows x width); the ``.csv`` file
     has one row per vector: ``patient_id, item, view, item_hash, v0 ...``.
     The file appears complete or not at all.
