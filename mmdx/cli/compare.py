@@ -80,6 +80,8 @@ def head_options(multiple_fusions: bool):
 @click.option("--bootstrap", type=click.IntRange(min=100), default=2000, show_default=True, help="Resamples of the paired bootstrap.")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Output folder for table.md, table.csv, tests.csv, compare.json, roc.png and one folder per head (replaced atomically).")
+@click.option("--jobs", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Folds trained at once in worker processes; 0 means one per CPU core. Results do not depend on it.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @report_errors
 def compare(labels_path, quiet, fusions, **options) -> None:

@@ -203,7 +203,8 @@ def paired_bootstrap(
         patients, averaged over repeats; the interval is the percentile
         interval of the resampled differences. The p-value is twice the
         smaller share of resampled differences on either side of zero (a
-        difference of exactly zero counts half to each side), capped at 1.
+        difference of exactly zero counts half to each side, and one is
+        added to the count and to the number of resamples), capped at 1.
     """
     y = np.asarray(y).astype(int)
     a = np.atleast_2d(np.asarray(scores_a, dtype=float))
@@ -228,9 +229,11 @@ def paired_bootstrap(
 
     alpha = 1 - confidence
     low, high = np.quantile(differences, [alpha / 2, 1 - alpha / 2])
-    below = np.mean(differences < 0) + 0.5 * np.mean(differences == 0)
-    above = np.mean(differences > 0) + 0.5 * np.mean(differences == 0)
-    p_value = float(min(1.0, 2 * min(below, above)))
+    ties = 0.5 * np.sum(differences == 0)
+    below = np.sum(differences < 0) + ties
+    above = np.sum(differences > 0) + ties
+    # Add-one counts keep the p-value above 0: B resamples cannot resolve p below 1 / (B + 1).
+    p_value = float(min(1.0, 2 * (min(below, above) + 1) / (differences.size + 1)))
     return PairedResult(
         "paired_bootstrap", metric_name, value_a, value_b, value_a - value_b,
         float(low), float(high), p_value, int(y.size),
