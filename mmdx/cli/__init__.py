@@ -56,6 +56,10 @@ def _register() -> None:
     main.add_command(train.train_head)
     main.add_command(store.store)
 
+    from mmdx.cli import finetune
+
+    main.add_command(finetune.finetune_text)
+
     from mmdx.cli import compare
 
     main.add_command(compare.compare)
