@@ -5,6 +5,24 @@ from __future__ import annotations
 import click
 
 from mmdx.cli import report_errors
+from mmdx.errors import InputError
+
+
+def _scanner_option(parser_name: str):
+    """Return a click callback that parses a value with ``mmdx.embed.scanners.<parser_name>``.
+
+    The parser's ``InputError`` becomes a usage error (exit status 2).
+    """
+
+    def callback(ctx, param, value):
+        from mmdx.embed import scanners
+
+        try:
+            return getattr(scanners, parser_name)(value)
+        except InputError as exc:
+            raise click.BadParameter(str(exc)) from None
+
+    return callback
 
 
 @click.command()
@@ -29,6 +47,10 @@ from mmdx.cli import report_errors
 @click.option("--flip/--no-flip", default=True, show_default=True, help="Augmentation: flip horizontally with probability 0.5.")
 @click.option("--fill", type=click.Choice(["nearest", "constant", "reflect", "wrap"]), default="nearest", show_default=True, help="Augmentation: how points outside the image are filled.")
 @click.option("--augment-seed", default=0, show_default=True, type=int, help="Seed of the augmentation; the same seed reproduces the same views.")
+@click.option("--window", default="stored", show_default=True, callback=_scanner_option("parse_window"), help="DICOM grey-level window: stored (the file's own), minmax, or CENTER,WIDTH in modality units.")
+@click.option("--slices", default="middle", show_default=True, callback=_scanner_option("parse_slices"), help="NIfTI slices to embed: middle, all or every:N.")
+@click.option("--slice-axis", type=click.Choice(["axial", "coronal", "sagittal"]), default="axial", show_default=True, help="NIfTI slice axis, in RAS orientation.")
+@click.option("--percentiles", default="0.5,99.5", show_default=True, callback=_scanner_option("parse_percentiles"), help="NIfTI: LOW,HIGH percentiles of each volume mapped to 0 and 255.")
 @click.option("--id-pattern", default=None, help="Regular expression whose first group, searched in the file name, is the patient ID (default: the file stem, or --id-column for a manifest).")
 @click.option("--id-column", default="patient_id", show_default=True, help="Manifest column with the patient ID.")
 @click.option("--path-column", default="image", show_default=True, help="Manifest column with the image path, relative to the manifest's folder.")
@@ -39,7 +61,7 @@ from mmdx.cli import report_errors
 @report_errors
 def images(
     source, store, weights, image_size, alpha, batch_size, random_seed, engine, augment_views, rotation, shift,
-    shear, zoom, flip, fill, augment_seed, id_pattern, id_column, path_column, on_error, rejects, wait, quiet,
+    shear, zoom, flip, fill, augment_seed, window, slices, slice_axis, percentiles, id_pattern, id_column, path_column, on_error, rejects, wait, quiet,
 ) -> None:
     """Embed the images of SOURCE (a folder or a CSV manifest) with MobileNetV2 into --store.
 
@@ -49,6 +71,7 @@ def images(
     """
     from mmdx.embed.augment import AugmentSettings
     from mmdx.embed.images import embed_images
+    from mmdx.embed.scanners import ScannerOptions
 
     report = embed_images(
         source,
@@ -62,6 +85,7 @@ def images(
         augment=AugmentSettings(rotation=rotation, shift=shift, shear=shear, zoom=zoom, flip=flip, fill=fill),
         augment_seed=augment_seed,
         engine=engine,
+        scanner_options=ScannerOptions(window=window, slices=slices, slice_axis=slice_axis, percentiles=percentiles),
         id_pattern=id_pattern,
         id_column=id_column,
         path_column=path_column,

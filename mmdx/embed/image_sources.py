@@ -9,9 +9,12 @@ functions form the extension point for other file formats (DICOM, NIfTI):
 - a *loader* returns one item's pixels as an ``HxW`` or ``HxWxC`` array,
   see :func:`load_pixels`.
 
-Both are chosen by file suffix through :func:`register_image_format`; files
-with any other suffix go through Pillow. Colour conversion to 3-channel
-``uint8`` RGB happens afterwards in :func:`to_rgb_uint8`, whatever the format.
+Both are chosen by file suffix, or by a content check for files without a
+known suffix, through :func:`register_image_format`; other files go through
+Pillow. Colour conversion to 3-channel ``uint8`` RGB happens afterwards in
+:func:`to_rgb_uint8`, whatever the format. DICOM and NIfTI
+(:mod:`mmdx.embed.scanners`) are registered with default options when this
+module is imported.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import csv
 import logging
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -56,13 +59,13 @@ PILLOW_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".pbm", ".ti
 
 @dataclass(frozen=True)
 class ImageRef:
-    """Where an item's pixels live: a file and, for multi-image files, the index in it."""
+    """Location of an item's pixels: a file and, for multi-image files, the index in it."""
 
     path: Path
     index: int | None = None
 
 
-ExpandFn = Callable[[Path, str, str, str], list[Item]]
+ExpandFn = Callable[[Path, str, "str | None", str], list[Item]]
 LoadFn = Callable[[Item], np.ndarray]
 
 
@@ -71,12 +74,25 @@ class _ImageFormat:
     suffixes: tuple[str, ...]
     expand: ExpandFn
     load: LoadFn
+    sniff: Callable[[Path], bool] | None = None
+    patient_id_from_file: bool = False
+    arrange: Callable[[list[Item]], list[Item]] | None = None
+    config: Callable[[list[Item]], dict] | None = None
 
 
 _FORMATS: list[_ImageFormat] = []
 
 
-def register_image_format(suffixes: tuple[str, ...] | list[str], expand: ExpandFn, load: LoadFn) -> None:
+def register_image_format(
+    suffixes: tuple[str, ...] | list[str],
+    expand: ExpandFn,
+    load: LoadFn,
+    *,
+    sniff: Callable[[Path], bool] | None = None,
+    patient_id_from_file: bool = False,
+    arrange: Callable[[list[Item]], list[Item]] | None = None,
+    config: Callable[[list[Item]], dict] | None = None,
+) -> None:
     """Route files whose name ends with one of ``suffixes`` to ``expand`` and ``load``.
 
     Parameters
@@ -94,30 +110,54 @@ def register_image_format(suffixes: tuple[str, ...] | list[str], expand: ExpandF
         ``load(item) -> np.ndarray``: the pixels of one item as ``HxW`` or
         ``HxWxC`` (C = 1, 3 or 4), any numeric dtype; raise ``ValueError`` or
         ``OSError`` with a readable message for a file that cannot be read.
+    sniff
+        ``sniff(path) -> bool``: claims a file whose name matches no
+        registered or Pillow suffix (DICOM files often have none).
+    patient_id_from_file
+        When true, a folder scan without ``--id-pattern`` passes
+        ``patient_id=None`` to ``expand``, which reads the ID from the file.
+    arrange
+        ``arrange(items) -> items``: reorders all items of this format in a
+        source (for example DICOM slices by series and position). They take
+        the places the format's items had in the scan order.
+    config
+        ``config(items) -> dict``: entries for the feature set config that
+        describe how this format's ``items`` were turned into pixels.
     """
-    _FORMATS.insert(0, _ImageFormat(tuple(s.lower() for s in suffixes), expand, load))
+    image_format = _ImageFormat(
+        tuple(s.lower() for s in suffixes), expand, load, sniff, patient_id_from_file, arrange, config
+    )
+    _FORMATS.insert(0, image_format)
 
 
-def _format_for(path: Path) -> _ImageFormat | None:
+def _format_for(path: Path, sniff: bool = True) -> _ImageFormat | None:
+    """Return the registered format of ``path`` by suffix, else by content unless it has a Pillow suffix."""
     lower = path.name.lower()
     for image_format in _FORMATS:
         if lower.endswith(image_format.suffixes):
+            return image_format
+    if not sniff or path.suffix.lower() in PILLOW_SUFFIXES:
+        return None
+    for image_format in _FORMATS:
+        if image_format.sniff is not None and image_format.sniff(path):
             return image_format
     return None
 
 
 def is_image_name(path: Path) -> bool:
-    """Tell whether a folder scan should embed ``path``, judging by its suffix."""
+    """Tell whether a folder scan should embed ``path``, by its suffix or a registered content check."""
     if path.name.startswith("."):
         return False
-    return _format_for(path) is not None or path.suffix.lower() in PILLOW_SUFFIXES
+    return path.suffix.lower() in PILLOW_SUFFIXES or _format_for(path) is not None
 
 
-def expand_image_file(path: Path, name: str, patient_id: str) -> list[Item]:
+def expand_image_file(path: Path, name: str, patient_id: str | None) -> list[Item]:
     """Hash one file and turn it into its items (one for a plain image file).
 
-    Raises ``InputError`` when the file cannot be read at all; damaged image
-    data is found later, when the pixels are loaded, and is a per-item failure.
+    ``patient_id`` may be None only for formats registered with
+    ``patient_id_from_file``. Raises ``InputError`` when the file cannot be
+    read at all. Damaged image data is found later, when the pixels are
+    loaded, and is a per-item failure.
     """
     try:
         content_hash = sha256_bytes(path.read_bytes())
@@ -126,6 +166,8 @@ def expand_image_file(path: Path, name: str, patient_id: str) -> list[Item]:
     image_format = _format_for(path)
     if image_format is not None:
         return image_format.expand(path, name, patient_id, content_hash)
+    if patient_id is None:
+        raise ValueError("patient_id is required for files read by Pillow")
     return [Item(patient_id, name, content_hash, 0, ImageRef(path))]
 
 
@@ -222,6 +264,7 @@ class ImageSource:
     items: list[Item]
     kind: str  # "folder" or "manifest"
     n_skipped_files: int = 0
+    config: dict = field(default_factory=dict)  # feature set config entries of the registered formats used
 
 
 def collect_image_items(
@@ -290,7 +333,7 @@ def _patient_id_from_name(pattern: re.Pattern | None, file_name: str, where: str
 
 
 def _collect_folder(folder: Path, pattern: re.Pattern | None) -> ImageSource:
-    items: list[Item] = []
+    expanded: list[tuple[_ImageFormat | None, list[Item]]] = []
     n_skipped = 0
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         name = path.relative_to(folder).as_posix()
@@ -298,13 +341,36 @@ def _collect_folder(folder: Path, pattern: re.Pattern | None) -> ImageSource:
             n_skipped += 1
             logger.debug("skipped non-image file %s", name)
             continue
-        patient_id = _patient_id_from_name(pattern, path.name, name)
-        items.extend(expand_image_file(path, name, patient_id))
+        image_format = _format_for(path)
+        if image_format is not None and image_format.patient_id_from_file:
+            # The file stores its patient ID; a matching --id-pattern overrides it.
+            match = pattern.search(path.name) if pattern is not None else None
+            patient_id = match.group(1) if match is not None and match.group(1) else None
+        else:
+            patient_id = _patient_id_from_name(pattern, path.name, name)
+        expanded.append((image_format, expand_image_file(path, name, patient_id)))
     if n_skipped:
-        logger.info("%s: skipped %d file(s) without an image suffix", folder, n_skipped)
-    if not items:
+        logger.info("%s: skipped %d file(s) that are not images", folder, n_skipped)
+    source = _finish_source(expanded, "folder", n_skipped)
+    if not source.items:
         raise InputError(f"{folder}: no image files found (looked for {', '.join(PILLOW_SUFFIXES)}); check the folder")
-    return ImageSource(items, "folder", n_skipped)
+    return source
+
+
+def _finish_source(expanded: list[tuple[_ImageFormat | None, list[Item]]], kind: str, n_skipped: int) -> ImageSource:
+    """Apply each format's ``arrange`` within its own places and collect the formats' config entries."""
+    slots = [(image_format, item) for image_format, items in expanded for item in items]
+    config: dict = {}
+    for image_format in {id(f): f for f, _ in slots if f is not None}.values():
+        positions = [i for i, (f, _) in enumerate(slots) if f is image_format]
+        own_items = [slots[i][1] for i in positions]
+        if image_format.arrange is not None:
+            own_items = image_format.arrange(own_items)
+            for position, item in zip(positions, own_items):
+                slots[position] = (image_format, item)
+        if image_format.config is not None:
+            config.update(image_format.config(own_items))
+    return ImageSource([item for _, item in slots], kind, n_skipped, config)
 
 
 def _collect_manifest(manifest: Path, pattern: re.Pattern | None, id_column: str, path_column: str) -> ImageSource:
@@ -322,7 +388,7 @@ def _collect_manifest(manifest: Path, pattern: re.Pattern | None, id_column: str
     if not rows:
         raise InputError(f"{manifest}: the manifest has no rows")
 
-    items: list[Item] = []
+    expanded: list[tuple[_ImageFormat | None, list[Item]]] = []
     seen: dict[tuple[str, str], int] = {}
     # Row numbers count the header as row 1, as a spreadsheet shows them.
     for row_number, row in enumerate(rows, start=2):
@@ -343,8 +409,8 @@ def _collect_manifest(manifest: Path, pattern: re.Pattern | None, id_column: str
                 f"{where}: image {given!r} of patient {patient_id!r} is already listed in row {seen[key]}; remove the duplicate row"
             )
         seen[key] = row_number
-        items.extend(expand_image_file(file_path, given, patient_id))
-    return ImageSource(items, "manifest", 0)
+        expanded.append((_format_for(file_path), expand_image_file(file_path, given, patient_id)))
+    return _finish_source(expanded, "manifest", 0)
 
 
 def _resolve_inside(base: Path, given: str, where: str) -> Path:
@@ -365,3 +431,14 @@ def _resolve_inside(base: Path, given: str, where: str) -> Path:
     if not joined.is_file():
         raise InputError(f"{where}: image {given!r} not found (looked for {joined}); fix the path or remove the row")
     return joined
+
+
+def _register_scanner_formats() -> None:
+    # scanners imports pydicom and nibabel only when it reads a file, so
+    # registering costs nothing where they are not installed.
+    from mmdx.embed.scanners import register_scanner_formats
+
+    register_scanner_formats()
+
+
+_register_scanner_formats()

@@ -68,6 +68,7 @@ def embed_images(
     augment: AugmentSettings | None = None,
     augment_seed: int = 0,
     engine: str = "auto",
+    scanner_options=None,
     id_pattern: str | None = None,
     id_column: str = "patient_id",
     path_column: str = "image",
@@ -111,6 +112,10 @@ def embed_images(
         ``"auto"``, ``"keras"`` or ``"onnx"``; see
         :func:`mmdx.embed.engines.select_image_engine`. The engine does not
         change the feature set.
+    scanner_options
+        A :class:`mmdx.embed.scanners.ScannerOptions` for DICOM and NIfTI
+        files (window, slices); registered for this and later calls. The
+        options of the formats present join the feature set config.
     id_pattern, id_column, path_column
         How patient IDs and image paths are read from the source.
     on_error
@@ -134,6 +139,10 @@ def embed_images(
     if int(augment_views) < 0:
         raise InputError(f"--augment-views must be 0 or more, got {augment_views}")
     augment = augment or AugmentSettings()
+    if scanner_options is not None:
+        from mmdx.embed.scanners import register_scanner_formats
+
+        register_scanner_formats(scanner_options)
     found = collect_image_items(source, id_pattern=id_pattern, id_column=id_column, path_column=path_column)
     items = [
         Item(item.patient_id, item.name, item.content_hash, view, item.payload)
@@ -160,6 +169,7 @@ def embed_images(
             "pooling": "avg",
             "versions": versions,
             "augmentation": augment.config(augment_seed),
+            **found.config,
         }
         info = {
             "source": str(source),
