@@ -411,3 +411,42 @@ def test_registered_format_expands_and_loads(tmp_path, monkeypatch):
     slice_one = to_rgb_uint8(load_pixels(found.items[1]))
     assert slice_one.shape == (3, 4, 3)
     assert slice_one[0, 0, 0] == 0 and slice_one[-1, -1, 0] == 255
+
+
+def test_registered_format_hooks(tmp_path, monkeypatch):
+    monkeypatch.setattr(image_sources, "_FORMATS", [])
+
+    def sniff(path):
+        return path.read_bytes().startswith(b"FAKE")
+
+    def expand(path, name, patient_id, content_hash):
+        stored_id, order = path.read_text().split()[1:3]
+        return [Item(patient_id or stored_id, name, content_hash, 0, ImageRef(path, int(order)))]
+
+    def arrange(items):
+        return sorted(items, key=lambda item: item.payload.index)
+
+    def config(items):
+        return {"fake": {"n": len(items)}}
+
+    register_image_format((".fake",), expand, lambda item: np.zeros((2, 2)), sniff=sniff, patient_id_from_file=True, arrange=arrange, config=config)
+    (tmp_path / "b_img").write_text("FAKE P7 2")
+    (tmp_path / "a.fake").write_text("FAKE P7 3")
+    write_png(tmp_path / "m.png")
+    (tmp_path / "c_img").write_text("FAKE P8 1")
+    (tmp_path / "notes").write_text("plain text")
+
+    found = collect_image_items(tmp_path)
+
+    # Scan order is a.fake, b_img, c_img, m.png; the fake format's three
+    # places are refilled in its own order and m.png keeps its place.
+    assert [item.name for item in found.items] == ["c_img", "b_img", "a.fake", "m.png"]
+    assert [item.patient_id for item in found.items] == ["P8", "P7", "P7", "m"]
+    assert found.config == {"fake": {"n": 3}}
+    assert found.n_skipped_files == 1
+
+    overridden = collect_image_items(tmp_path, id_pattern=r"^([bm])_?")
+
+    ids = {item.name: item.patient_id for item in overridden.items}
+    assert ids["b_img"] == "b"  # a matching pattern overrides the stored ID
+    assert ids["c_img"] == "P8"  # a file that stores its ID falls back to it
