@@ -68,6 +68,15 @@ def load_one(path: Path, options: ScannerOptions = DEFAULT) -> np.ndarray:
 # Windowing ----------------------------------------------------------------
 
 
+def expected_linear(x: float, center: float, width: float) -> int:
+    """Apply the DICOM LINEAR window to one value, written out independently of the module."""
+    if x <= center - 0.5 - (width - 1) / 2:
+        return 0
+    if x > center - 0.5 + (width - 1) / 2:
+        return 255
+    return round(((x - (center - 0.5)) / (width - 1) + 0.5) * 255)
+
+
 def test_window_linear_hand_computed():
     # c = 40, w = 400: values <= 40 - 0.5 - 199.5 = -160 give 0, values > 239 give 255,
     # and x in between gives ((x - 39.5) / 399 + 0.5) * 255:
@@ -90,7 +99,7 @@ def test_stored_window_on_mr_pixel():
     raw = raw_pixels(path)
     grey = load_one(path)
     x = float(raw[20, 30])
-    expected = round(((x - 599.5) / 1599 + 0.5) * 255)
+    expected = expected_linear(x, 600.0, 1600.0)
     assert 0 < expected < 255
     assert int(grey[20, 30]) == expected
     assert grey.shape == raw.shape
@@ -120,7 +129,7 @@ def test_ct_rescale_intercept_applied():
     raw = raw_pixels(path).astype(float)
     grey = load_one(path, ScannerOptions(window=(40.0, 400.0)))
     hu = raw[64, 64] - 1024
-    expected = 0 if hu <= -160 else 255 if hu > 239 else round(((hu - 39.5) / 399 + 0.5) * 255)
+    expected = expected_linear(hu, 40.0, 400.0)
     assert int(grey[64, 64]) == expected
     assert np.array_equal(grey, window_linear(raw - 1024, 40.0, 400.0))
 
@@ -131,7 +140,7 @@ def test_rescale_slope_and_intercept(tmp_path):
     grey = load_one(path, ScannerOptions(window=(1000.0, 2000.0)))
     x = raw[10, 10]
     value = 2 * x - 100
-    expected = 0 if value <= 0 else 255 if value > 1999 else round(((value - 999.5) / 1999 + 0.5) * 255)
+    expected = expected_linear(value, 1000.0, 2000.0)
     assert int(grey[10, 10]) == expected
     # Slope and intercept matter: the unscaled values give another image.
     assert not np.array_equal(grey, window_linear(raw, 1000.0, 2000.0))
@@ -463,6 +472,17 @@ def test_parse_slices_and_percentiles():
         parse_percentiles("99,1")
 
 
+def test_options_accept_cli_spellings():
+    options = ScannerOptions(window="40,400", slices="EVERY:2", percentiles="1,99")
+    assert options.window == (40.0, 400.0)
+    assert options.slices == "every:2"
+    assert options.percentiles == (1.0, 99.0)
+    with pytest.raises(InputError, match="--slice-axis"):
+        ScannerOptions(slice_axis="oblique")
+    with pytest.raises(InputError, match="--window"):
+        ScannerOptions(window=(40.0, 0.0))
+
+
 def test_scanner_config_per_format():
     dicom = Item("p", "a.dcm", "h", 0, DicomRef(Path("a.dcm")))
     options = ScannerOptions(window=(40.0, 400.0), slices="all")
@@ -470,3 +490,140 @@ def test_scanner_config_per_format():
     assert config["dicom"]["window"] == "40,400"
     assert "nifti" not in config
     assert scanner_config(options, [Item("p", "x.png", "h", 0, None)]) == {}
+
+
+# Image sources and the CLI -----------------------------------------------
+
+
+@pytest.fixture
+def default_scanner_formats():
+    """Restore the default scanner registration after a test that changes it."""
+    from mmdx.embed.scanners import register_scanner_formats
+
+    yield register_scanner_formats
+    register_scanner_formats()
+
+
+def dicom_folder(root: Path) -> Path:
+    """Two series of patient 4MR1, one file without a suffix, and patient 1CT1."""
+    folder = root / "scans"
+    _series_copy(folder, "s2_a.dcm", "1.2.3.2", 2, 5.0)
+    _series_copy(folder, "s2_b.dcm", "1.2.3.2", 1, 0.0)
+    _series_copy(folder, "s1_a.dcm", "1.2.3.1", 1, 0.0)
+    shutil.copy(_series_copy(root, "tmp.dcm", "1.2.3.1", 2, 5.0), folder / "IM0004")
+    shutil.copy(sample_file("CT_small.dcm"), folder / "ct.dcm")
+    return folder
+
+
+def test_folder_of_dicom_collected(tmp_path):
+    from mmdx.embed.image_sources import collect_image_items
+
+    found = collect_image_items(dicom_folder(tmp_path))
+    names = [item.name.split("#")[0] for item in found.items]
+    assert names == ["ct.dcm", "s1_a.dcm", "IM0004", "s2_b.dcm", "s2_a.dcm"]
+    assert [item.patient_id for item in found.items] == ["1CT1"] + ["4MR1"] * 4
+    assert found.items[2].name == "IM0004#series=1.2.3.1"
+    assert found.config["dicom"]["window"] == "stored"
+
+
+def test_folder_id_pattern_overrides_tag(tmp_path):
+    from mmdx.embed.image_sources import collect_image_items
+
+    found = collect_image_items(dicom_folder(tmp_path), id_pattern=r"^(\w\w)")
+    assert {item.patient_id for item in found.items} == {"s1", "s2", "IM", "ct"}
+
+
+def test_folder_missing_patient_id(tmp_path):
+    from mmdx.embed.image_sources import collect_image_items
+
+    folder = tmp_path / "scans"
+    write_copy(sample_file("MR_small.dcm"), folder / "anon.dcm", PatientID="")
+    with pytest.raises(InputError, match=r"anon\.dcm: DICOM PatientID .*--id-pattern"):
+        collect_image_items(folder)
+
+
+def run_cli(*args: str):
+    from click.testing import CliRunner
+
+    from mmdx.cli import main
+
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+TINY_MODEL = ("--weights", "random", "--alpha", "0.35", "--image-size", "32", "--batch-size", "2", "--quiet")
+
+
+def test_cli_rejects_bad_window(tmp_path):
+    result = run_cli("embed", "images", str(tmp_path), "--store", str(tmp_path / "s.h5"), "--window", "40")
+    assert result.exit_code == 2
+    assert "Invalid value for '--window'" in result.output
+    assert "CENTER,WIDTH" in result.output
+
+
+@pytest.mark.slow
+def test_embed_dicom_folder_end_to_end(tmp_path, default_scanner_formats):
+    from mmdx.store import FeatureStore
+
+    folder = dicom_folder(tmp_path)
+    store = tmp_path / "features.h5"
+
+    first = run_cli("embed", "images", str(folder), "--store", str(store), *TINY_MODEL)
+    assert first.exit_code == 0, first.output
+    assert "5 embedded" in first.output
+    (info,) = FeatureStore(store).list_sets()
+    assert info.config["dicom"]["window"] == "stored"
+    rows = FeatureStore(store).read(info.name).rows
+    assert sorted(set(rows.patient_ids.tolist())) == ["1CT1", "4MR1"]
+    assert rows.vectors.shape == (5, 1280)
+
+    again = run_cli("embed", "images", str(folder), "--store", str(store), *TINY_MODEL)
+    assert "0 embedded, 5 already stored" in again.output
+
+    windowed = run_cli("embed", "images", str(folder), "--store", str(store), *TINY_MODEL, "--window", "40,400")
+    assert windowed.exit_code == 0, windowed.output
+    windows = sorted(info.config["dicom"]["window"] for info in FeatureStore(store).list_sets())
+    assert windows == ["40,400", "stored"]
+
+
+@pytest.mark.slow
+def test_corrupt_dicom_store_unharmed(tmp_path, default_scanner_formats):
+    from mmdx.store import FeatureStore
+
+    folder = dicom_folder(tmp_path)
+    store = tmp_path / "features.h5"
+    assert run_cli("embed", "images", str(folder), "--store", str(store), *TINY_MODEL).exit_code == 0
+    (info,) = FeatureStore(store).list_sets()
+    before = FeatureStore(store).read(info.name).rows.vectors.copy()
+
+    (folder / "zz_broken.dcm").write_bytes(sample_file("MR_small.dcm").read_bytes()[:3000])
+    failed = run_cli("embed", "images", str(folder), "--store", str(store), *TINY_MODEL)
+    assert failed.exit_code == 1
+    assert "zz_broken.dcm" in failed.output
+    assert "truncated" in failed.output
+    assert np.array_equal(FeatureStore(store).read(info.name).rows.vectors, before)
+
+    rejects = tmp_path / "rejects.csv"
+    skipped = run_cli(
+        "embed", "images", str(folder), "--store", str(store), *TINY_MODEL, "--on-error", "skip", "--rejects", str(rejects)
+    )
+    assert skipped.exit_code == 0, skipped.output
+    assert "1 failed" in skipped.output
+    assert "zz_broken.dcm" in rejects.read_text()
+    assert len(FeatureStore(store).read(info.name).rows) == 5
+
+
+@pytest.mark.slow
+def test_embed_nifti_every_n(tmp_path, default_scanner_formats):
+    from mmdx.store import FeatureStore
+
+    folder = tmp_path / "volumes"
+    folder.mkdir()
+    write_nifti(folder / "case-01.nii.gz", np.random.default_rng(1).random((16, 16, 10)).astype(np.float32))
+    store = tmp_path / "features.h5"
+    result = run_cli("embed", "images", str(folder), "--store", str(store), *TINY_MODEL, "--slices", "every:3")
+    assert result.exit_code == 0, result.output
+    (info,) = FeatureStore(store).list_sets()
+    assert info.config["nifti"]["slices"] == "every:3"
+    rows = FeatureStore(store).read(info.name).rows
+    assert rows.items.tolist() == [f"case-01.nii.gz#slice={k}" for k in (0, 3, 6, 9)]
+    assert set(rows.patient_ids.tolist()) == {"case-01"}

@@ -41,6 +41,7 @@ import json
 import logging
 import math
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,7 +65,10 @@ __all__ = [
     "parse_slices",
     "parse_window",
     "register_scanner_formats",
+    "scale_percentiles",
     "scanner_config",
+    "window_linear",
+    "window_min_max",
 ]
 
 logger = logging.getLogger(__name__)
@@ -136,6 +140,22 @@ class ScannerOptions:
     slices: str = "middle"
     slice_axis: str = "axial"
     percentiles: tuple[float, float] = (0.5, 99.5)
+
+    def __post_init__(self) -> None:
+        # Accept the command-line spellings too, so Python callers may write window="40,400".
+        window = self.window
+        if isinstance(window, str):
+            window = parse_window(window)
+        else:
+            window = parse_window(",".join(str(float(v)) for v in window))
+        object.__setattr__(self, "window", window)
+        object.__setattr__(self, "slices", parse_slices(self.slices))
+        if self.slice_axis not in SLICE_AXES:
+            raise InputError(f"--slice-axis {self.slice_axis!r} is invalid; give one of {', '.join(SLICE_AXES)}")
+        percentiles = self.percentiles
+        if not isinstance(percentiles, str):
+            percentiles = ",".join(str(float(v)) for v in percentiles)
+        object.__setattr__(self, "percentiles", parse_percentiles(percentiles))
 
     def window_label(self) -> str:
         """Return the window as the user writes it: ``stored``, ``minmax`` or ``CENTER,WIDTH``."""
@@ -502,11 +522,17 @@ def _load_dicom_frame(ref: DicomRef, options: ScannerOptions) -> np.ndarray:
         return _scale_colour(pixels, int(header.get("BitsStored", 8)))
 
     values = _apply_modality_lut(pixels, header, frame)
-    center_width = _window_for(header, frame, options, values)
+    center_width = _window_for(header, frame, options)
     grey = window_linear(values, *center_width) if center_width else window_min_max(values)
     if photometric == "MONOCHROME1":
         grey = 255 - grey
     return grey
+
+
+_NOT_DICOM = (
+    "not a DICOM file: no 'DICM' marker after the 128-byte preamble "
+    "(files without the DICOM Part 10 header are not read)"
+)
 
 
 def _read_dicom_pixels(ref: DicomRef):
@@ -516,15 +542,12 @@ def _read_dicom_pixels(ref: DicomRef):
     from pydicom.pixels import pixel_array
 
     if not _has_dicom_marker(ref.path):
-        raise ValueError(
-            "not a DICOM file: no 'DICM' marker after the 128-byte preamble "
-            "(files without the DICOM Part 10 header are not read)"
-        )
+        raise ValueError(_NOT_DICOM)
     header = Dataset()
     try:
         pixels = pixel_array(str(ref.path), ds_out=header, specific_tags=_FUNCTIONAL_GROUP_TAGS, index=ref.index)
     except InvalidDicomError:
-        raise ValueError("not a DICOM file (no DICM marker after the 128-byte preamble)") from None
+        raise ValueError(_NOT_DICOM) from None
     except (EOFError, OSError) as exc:
         raise ValueError(f"truncated or unreadable DICOM file ({type(exc).__name__}: {_first_line(exc)})") from None
     except AttributeError as exc:
@@ -600,7 +623,7 @@ def _apply_modality_lut(pixels: np.ndarray, header, frame: int | None) -> np.nda
     return values
 
 
-def _window_for(header, frame: int | None, options: ScannerOptions, values: np.ndarray) -> tuple[float, float] | None:
+def _window_for(header, frame: int | None, options: ScannerOptions) -> tuple[float, float] | None:
     """Return (center, width) to apply, or None for the image's own min/max."""
     if isinstance(options.window, tuple):
         return options.window
@@ -662,16 +685,23 @@ def _scale_colour(pixels: np.ndarray, bits: int) -> np.ndarray:
     return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
 
 
+# Decoding threads load slices of one volume at the same time. The lock lets
+# the first thread read the volume while the others wait for the cache.
+_VOLUME_LOCK = threading.Lock()
+
+
 def _load_nifti_slice(ref: NiftiRef, options: ScannerOptions) -> np.ndarray:
+    with _VOLUME_LOCK:
+        volume = _load_scaled_volume(str(ref.path), _stat_key(ref.path), tuple(options.percentiles))
     if ref.index is None:
-        # The header could not be read when the file was listed; read it again for the reason.
-        _load_scaled_volume(str(ref.path), _stat_key(ref.path), tuple(options.percentiles))
         raise ValueError("the NIfTI header could not be read when the file was listed")
-    volume = _load_scaled_volume(str(ref.path), _stat_key(ref.path), tuple(options.percentiles))
     axis = ref.axis if isinstance(ref, NiftiRef) else SLICE_AXES[options.slice_axis]
     if ref.index >= volume.shape[axis]:
         raise ValueError(f"slice {ref.index} is out of range (the volume has {volume.shape[axis]} along axis {axis})")
-    plane = np.take(volume, ref.index, axis=axis)
+    # Basic indexing, not np.take, which copies slowly from Fortran-ordered volumes.
+    selector = [slice(None)] * 3
+    selector[axis] = ref.index
+    plane = volume[tuple(selector)]
     # plane is indexed (first remaining RAS axis, second remaining RAS axis);
     # transpose and flip so the second axis (anterior or superior) is at the top.
     return np.ascontiguousarray(np.flipud(plane.T))
