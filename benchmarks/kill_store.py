@@ -96,7 +96,8 @@ class KillSummary:
     kills: int = 0
     sigint: int = 0
     restarts_to_finish: int = 0
-    committed_checked: int = 0
+    committed_checked: int = 0  # committed rows checked, summed over kills
+    leftovers: dict[str, int] = field(default_factory=dict)  # what the kills left, see kill_phase()
     failures: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -150,6 +151,23 @@ def check_store(store: Path, committed: set[str], expected: dict) -> list[str]:
         if key not in expected or not np.array_equal(vector, expected[key]):
             problems.append(f"row {key} differs from the encoder's vector")
     return problems
+
+
+def kill_phase(store: Path) -> str:
+    """Name the step a kill interrupted, judged by the files it left (the next writer deletes them).
+
+    A kill before the next writer opened the store counts the same leftovers
+    again, so the counts are an estimate.
+    """
+    from mmdx.store import format as fmt
+
+    if list(store.parent.glob(f"{store.name}.tmp-*")):
+        return "compaction"
+    if list(fmt.journal_dir(store).glob("*.tmp")):
+        return "shard write"
+    if store.exists() and any(fmt.shard_sequence(p) <= fmt.applied_through(store) for p in fmt.list_shards(store)):
+        return "shard deletion after compaction"
+    return "no leftovers"
 
 
 def read_committed(output: bytes) -> set[str]:
@@ -212,6 +230,8 @@ def run_kill_cycles(
         summary.sigint += use_sigint
         committed |= read_committed(output)
         summary.committed_checked += len(committed)
+        phase = kill_phase(store)
+        summary.leftovers[phase] = summary.leftovers.get(phase, 0) + 1
         for problem in check_store(store, committed, expected):
             summary.failures.append(f"kill {summary.kills} ({'SIGINT' if use_sigint else 'SIGKILL'}): {problem}")
         if process.returncode == 0:  # the writer finished before the signal
@@ -452,9 +472,11 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"kills: {summary.kills} ({summary.sigint} SIGINT, {summary.kills - summary.sigint} SIGKILL), "
         f"stores finished after kills and compared: {summary.restarts_to_finish}, "
-        f"committed rows checked: {summary.committed_checked}, failures: {len(summary.failures)}, "
+        f"committed rows checked (summed over kills): {summary.committed_checked}, "
+        f"failures: {len(summary.failures)}, "
         f"time: {summary.seconds:.1f} s"
     )
+    print("  kills by the files they left: " + ", ".join(f"{k} {v}" for k, v in sorted(summary.leftovers.items())))
     for failure in summary.failures[:20]:
         print(f"  {failure}")
     failures = len(summary.failures)
@@ -462,7 +484,7 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="mmdx-kill-texts-") as scratch:
             texts = run_embed_texts_kills(Path(scratch), args.embed_texts_kills, seed=args.seed)
         print(
-            f"mmdx embed texts kills: {texts.kills} ({texts.sigint} SIGINT), committed rows checked: "
+            f"mmdx embed texts kills: {texts.kills} ({texts.sigint} SIGINT), committed rows checked (summed): "
             f"{texts.committed_checked}, failures: {len(texts.failures)}, max |difference| from the "
             f"uninterrupted run: {texts.max_abs_difference:.3g} (exact: {texts.exact}), time: {texts.seconds:.1f} s"
         )

@@ -48,7 +48,7 @@ class WriterLock:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
             raise StoreError(
-                f"{self.store_path}: cannot create the lock file {self.path.name} ({exc.strerror}); "
+                f"{self.store_path}: cannot open or create the lock file {self.path.name} ({exc.strerror}); "
                 "the store's folder must be writable, so choose a writable --store path"
             ) from exc
         deadline = None if self.wait is None else time.monotonic() + self.wait
