@@ -20,7 +20,7 @@ def _write_store(tmp_path, image_signal: float, text_signal: float, modalities=(
                  missing_text: int = 0, seed: int = 0):
     """Write a store and labels where the label is the sign of two independent latent signals.
 
-    The image side sees latent a (scaled by ``image_signal``) in its first
+    The image side carries latent a (scaled by ``image_signal``) in its first
     dimension, the text side latent b; the label is 1 when
     ``image_signal * a + text_signal * b + noise > 0``. So each side alone
     carries part of the signal and both together carry more.

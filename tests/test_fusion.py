@@ -12,7 +12,6 @@ from mmdx.train.fusion import (
     LateFusionHead,
     make_head_factory,
 )
-from mmdx.train.stats import roc_auc
 
 
 def _batch(rng, n=7, widths=(5, 3)):
@@ -95,14 +94,6 @@ def _two_modalities(n, rng, image_signal, text_signal, noise_width=64):
     image[:, 0] += 2.0 * latent_image if image_signal else 0.0
     text[:, 0] += 2.0 * latent_text if text_signal else 0.0
     return {"image": image.astype(np.float32), "text": text.astype(np.float32)}, y
-
-
-def _holdout_auc(factory, x, y, n_train, seed=0):
-    train = {k: v[:n_train] for k, v in x.items()}
-    test = {k: v[n_train:] for k, v in x.items()}
-    head = factory({k: v.shape[1] for k, v in x.items()})
-    head.fit(train, y[:n_train], np.random.default_rng(seed))
-    return roc_auc(y[n_train:], head.predict_proba(test))
 
 
 def test_options_validate_ranges():
