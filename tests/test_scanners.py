@@ -333,6 +333,14 @@ def test_dicom_without_pixel_data(tmp_path):
         load_scanner_pixels(items[0].payload, DEFAULT)
 
 
+def test_non_image_dicom_skipped(tmp_path):
+    dicomdir = Path(sample_file("MR_small.dcm")).parent / "dicomdirtests" / "DICOMDIR"
+    assert is_dicom(dicomdir)
+    assert expand_scanner_file(dicomdir, DEFAULT) == []
+    assert expand_scanner_file(sample_file("rtplan.dcm"), DEFAULT) == []
+    assert expand_scanner_file(sample_file("test-SR.dcm"), DEFAULT) == []
+
+
 def test_missing_decoder_names_syntax_and_package():
     path = sample_file("MR_small_jpeg_ls_lossless.dcm")
     try:
@@ -505,13 +513,14 @@ def default_scanner_formats():
 
 
 def dicom_folder(root: Path) -> Path:
-    """Two series of patient 4MR1, one file without a suffix, and patient 1CT1."""
+    """Two series of patient 4MR1, one file without a suffix, patient 1CT1 and a DICOMDIR (no image)."""
     folder = root / "scans"
     _series_copy(folder, "s2_a.dcm", "1.2.3.2", 2, 5.0)
     _series_copy(folder, "s2_b.dcm", "1.2.3.2", 1, 0.0)
     _series_copy(folder, "s1_a.dcm", "1.2.3.1", 1, 0.0)
     shutil.copy(_series_copy(root, "tmp.dcm", "1.2.3.1", 2, 5.0), folder / "IM0004")
     shutil.copy(sample_file("CT_small.dcm"), folder / "ct.dcm")
+    shutil.copy(Path(sample_file("MR_small.dcm")).parent / "dicomdirtests" / "DICOMDIR", folder / "DICOMDIR")
     return folder
 
 

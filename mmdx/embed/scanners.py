@@ -84,6 +84,7 @@ UNREADABLE_PATIENT_ID = "(unreadable file)"
 # Tags parsed when listing a DICOM file. Parsing nothing else keeps names,
 # birth dates and other identifying values out of memory and messages.
 _LISTING_TAGS = [
+    "SOPClassUID",
     "PatientID",
     "SeriesInstanceUID",
     "InstanceNumber",
@@ -360,6 +361,12 @@ def _expand_dicom(path: Path, name: str, patient_id: str | None, file_hash: str,
         logger.debug("%s: DICOM header not readable (%s)", name, type(exc).__name__)
         rows = None
         ds = None
+    if ds is not None and rows is None:
+        sop_class = _sop_class_name(ds)
+        if sop_class and "Image" not in sop_class:
+            # DICOMDIR, structured reports, RT plans, waveforms: valid DICOM without pixels.
+            logger.info("%s: skipped a DICOM %s object, which has no image", name, sop_class)
+            return []
     if ds is None or rows is None:
         fallback = patient_id or UNREADABLE_PATIENT_ID
         return [Item(fallback, name, _item_hash(file_hash, None, options_key), 0, DicomRef(path))]
@@ -390,6 +397,21 @@ def _expand_dicom(path: Path, name: str, patient_id: str | None, file_hash: str,
         )
         for frame in range(n_frames)
     ]
+
+
+def _sop_class_name(ds) -> str:
+    """Return the name of the SOP class (from the dataset or the file meta), or "" when unknown."""
+    from pydicom.uid import UID
+
+    uid = ds.get("SOPClassUID")
+    meta = getattr(ds, "file_meta", None)
+    if not uid and meta is not None:
+        uid = meta.get("MediaStorageSOPClassUID")
+    if not uid:
+        return ""
+    name = UID(str(uid)).name
+    # pydicom returns the UID itself for a UID it does not know.
+    return "" if name == str(uid) else name
 
 
 def _int_or_none(value) -> int | None:
