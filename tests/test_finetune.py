@@ -265,3 +265,22 @@ def test_trainable_layers_freeze_lower_layers(tmp_path, data, tiny_base):
 def test_trainable_layers_above_model_rejected(tmp_path, data, tiny_base):
     with pytest.raises(InputError, match="--trainable-layers 3 exceeds the model's 2 layers"):
         run(data, tiny_base, tmp_path / "ft", trainable_layers=3)
+
+
+def test_cli_trainable_layers_all(tmp_path, data, tiny_base):
+    source, labels = data
+    args = ["finetune-text", str(source), "--labels", str(labels), "--label-column", "diagnosis_group",
+            "--positive", "neoplasm", "--text-column", "findings", "--model", str(tiny_base), "--out",
+            str(tmp_path / "ft"), "--epochs", "1", "--max-length", "32", "--trainable-layers", "all", "--quiet"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert read_record(tmp_path / "ft")["hyperparameters"]["trainable_layers"] is None
+
+
+def test_cli_trainable_layers_invalid_exits_2(tmp_path, data, tiny_base):
+    source, labels = data
+    args = ["finetune-text", str(source), "--labels", str(labels), "--label-column", "diagnosis_group",
+            "--text-column", "findings", "--out", str(tmp_path / "ft"), "--trainable-layers", "some"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2
+    assert "expected a positive integer or 'all', got 'some'" in result.output

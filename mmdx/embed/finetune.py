@@ -44,14 +44,18 @@ from mmdx.embed.texts import (
 )
 from mmdx.errors import InputError
 
-__all__ = ["DEFAULT_FINETUNE_MAX_LENGTH", "FinetuneReport", "FoldResult", "finetune_text"]
+__all__ = ["DEFAULT_FINETUNE_MAX_LENGTH", "DEFAULT_TRAINABLE_LAYERS", "FinetuneReport", "FoldResult", "finetune_text"]
 
 logger = logging.getLogger(__name__)
 
-# Training cost grows with the padded length. With 256 tokens a 5-fold MiniLM
-# run on the MedPix reports takes minutes on 2 CPU cores, and 41 of its 267
-# non-empty reports (median 124 tokens) are truncated.
+# Defaults sized for CPU training. A step costs about the forward pass over
+# every layer plus the backward pass over the trained layers, and grows with
+# the padded length. With 256 tokens (41 of the 267 non-empty MedPix reports,
+# median 124 tokens, are longer) and the top 2 of MiniLM's 6 layers trained,
+# a 5-fold run on MedPix takes minutes on 2 cores; training every layer costs
+# about twice as much per step.
 DEFAULT_FINETUNE_MAX_LENGTH = 256
+DEFAULT_TRAINABLE_LAYERS = 2
 WEIGHT_DECAY = 0.01
 WARMUP_FRACTION = 0.1
 MAX_GRAD_NORM = 1.0
@@ -289,7 +293,7 @@ def finetune_text(
     max_length: int | None = DEFAULT_FINETUNE_MAX_LENGTH,
     seed: int = 0,
     pooling: str = "cls",
-    trainable_layers: int | None = None,
+    trainable_layers: int | None = DEFAULT_TRAINABLE_LAYERS,
     per_fold: bool = False,
     n_folds: int = 5,
     store: str | Path | None = None,
@@ -326,7 +330,7 @@ def finetune_text(
     trainable_layers
         Train only the top this many encoder layers (and the classifier),
         keeping the embeddings and lower layers frozen, which makes a step
-        cheaper; ``None`` trains every layer.
+        cheaper (default 2); ``None`` trains every layer.
     per_fold, n_folds
         Train one encoder per fold of ``patient_folds(labels, n_folds, seed)``
         on that fold's training patients only.
