@@ -357,6 +357,14 @@ def test_missing_decoder_names_syntax_and_package():
     assert "pylibjpeg" in str(caught.value)
 
 
+def test_deflated_transfer_syntax():
+    path = sample_file("image_dfl.dcm")  # Deflated Explicit VR Little Endian, 512x512, no window
+    raw = raw_pixels(path).astype(float)
+    grey = load_one(path)
+    expected = np.rint((raw - raw.min()) * 255 / (raw.max() - raw.min())).astype(np.uint8)
+    assert np.array_equal(grey, expected)
+
+
 def test_compressed_rle_decodes_like_uncompressed():
     plain = load_one(sample_file("MR_small.dcm"))
     rle = load_one(sample_file("MR_small_RLE.dcm"))

@@ -74,6 +74,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 DICOM_SUFFIXES = (".dcm", ".dicom")
+DEFLATED_EXPLICIT_VR = "1.2.840.10008.1.2.1.99"
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 SLICE_AXES = {"sagittal": 0, "coronal": 1, "axial": 2}
 
@@ -573,9 +574,13 @@ def _read_dicom_pixels(ref: DicomRef):
     except (EOFError, OSError) as exc:
         raise ValueError(f"truncated or unreadable DICOM file ({type(exc).__name__}: {_first_line(exc)})") from None
     except AttributeError as exc:
-        if "PixelData" in str(exc) or "Pixel Data" in str(exc) or "pixel data" in str(exc).lower():
+        if "pixel data" not in str(exc).lower():
+            raise ValueError(f"invalid DICOM image header ({_first_line(exc)})") from None
+        if _transfer_syntax(ref.path) != DEFLATED_EXPLICIT_VR:
             raise ValueError("the DICOM file has no pixel data (Pixel Data (7FE0,0010) missing)") from None
-        raise ValueError(f"invalid DICOM image header ({_first_line(exc)})") from None
+        # pixel_array() reading from a path does not inflate a deflated
+        # dataset (pydicom 3.0), but dcmread() does.
+        return _read_deflated_pixels(ref)
     except (NotImplementedError, RuntimeError) as exc:
         syntax = header.get((0x0002, 0x0010))
         raise ValueError(_decoder_message(str(syntax.value) if syntax else _transfer_syntax(ref.path), exc)) from None
@@ -587,6 +592,17 @@ def _read_dicom_pixels(ref: DicomRef):
     return header, pixels
 
 
+def _read_deflated_pixels(ref: DicomRef):
+    import pydicom
+    from pydicom.pixels import pixel_array
+
+    try:
+        dataset = pydicom.dcmread(ref.path)
+        return dataset, pixel_array(dataset, index=ref.index)
+    except (EOFError, OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
+        raise ValueError(f"truncated or invalid deflated DICOM file ({type(exc).__name__}: {_first_line(exc)})") from None
+
+
 def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
@@ -595,7 +611,7 @@ def _transfer_syntax(path: Path) -> str:
     import pydicom
 
     try:
-        return str(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["PatientID"]).file_meta.TransferSyntaxUID)
+        return str(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"]).file_meta.TransferSyntaxUID)
     except Exception:  # only for an error message; the decode error is what matters
         return "unknown"
 
