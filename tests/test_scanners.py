@@ -197,6 +197,12 @@ def test_multiframe_one_item_per_frame():
     assert np.array_equal(grey, expected)
 
 
+def test_arrange_keeps_frame_order():
+    items = expand_scanner_file(sample_file("rtdose.dcm"), DEFAULT, name="rtdose.dcm")
+    arranged = arrange_dicom_items(list(reversed(items)))
+    assert [item.payload.index for item in arranged] == list(range(15))
+
+
 def _has_pydicom_data() -> bool:
     try:
         import data_store  # noqa: F401  (the pydicom-data package)

@@ -11,7 +11,7 @@ DICOM grey levels
     LUT Sequence) -> window -> 0..255, inverted for MONOCHROME1. The window
     is the file's own Window Center/Width (the first pair when several are
     stored), a ``CENTER,WIDTH`` given by the user, or the image's own
-    min/max. With a centre ``c`` and width ``w >= 1``, a value ``x`` maps by
+    min/max (also the fallback of ``stored`` for a file without a window). With a centre ``c`` and width ``w >= 1``, a value ``x`` maps by
     the LINEAR function of DICOM PS3.3 C.11.2.1.2.1 with output range 0..255::
 
         x <= c - 0.5 - (w - 1) / 2  ->  0
@@ -29,8 +29,10 @@ NIfTI grey levels
 
 Patient IDs come from the DICOM PatientID tag, or the NIfTI file name
 without ``.nii``/``.nii.gz``, unless the caller gives one (manifest or
-``--id-pattern``). Only the tags needed for pixels and ordering are parsed,
-so names, dates and other identifying tags never reach logs or messages.
+``--id-pattern``). Only the tags needed for pixels and ordering are parsed
+(a deflated file is read whole), and logs and messages show no tag values
+besides the patient ID, series UID, transfer syntax, SOP class and window,
+so names, birth dates and other identifying tags stay out of them.
 """
 
 from __future__ import annotations
@@ -451,7 +453,8 @@ def arrange_dicom_items(items: list[Item]) -> list[Item]:
             ref.instance_number or 0,
             ref.position is None,
             ref.position or 0.0,
-            item.name,
+            item.name.split("#", 1)[0],
+            -1 if ref.index is None else ref.index,
         )
 
     ordered = sorted((items[i] for i in slots), key=sort_key)
