@@ -29,10 +29,10 @@ NIfTI grey levels
 
 Patient IDs come from the DICOM PatientID tag, or the NIfTI file name
 without ``.nii``/``.nii.gz``, unless the caller gives one (manifest or
-``--id-pattern``). Only the tags needed for pixels and ordering are parsed
-(a deflated file is read whole), and logs and messages show no tag values
-besides the patient ID, series UID, transfer syntax, SOP class and window,
-so names, birth dates and other identifying tags stay out of them.
+``--id-pattern``). Only the tags needed for pixels and ordering are parsed,
+except in a deflated file, which is read whole. Logs and messages show no tag
+values besides the patient ID, series UID, transfer syntax, SOP class and
+window, so names, birth dates and other identifying tags stay out of them.
 """
 
 from __future__ import annotations
