@@ -41,6 +41,8 @@ METRIC_LABELS = {
     "balanced_accuracy": "Balanced accuracy",
 }
 CONFIDENCE = 0.95
+SETTING_KEYS = ("epochs", "dropout", "weight_decay", "early_stopping", "class_weight", "standardize",
+                "modality_dropout", "keep_missing")
 
 
 @dataclass
@@ -226,6 +228,11 @@ def format_markdown(result: CompareResult) -> str:
             value = result.summary[name][metric]
             cells.append(f"{value['mean']:.3f} [{value['ci_low']:.3f}, {value['ci_high']:.3f}]")
         lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Settings per head:", ""]
+    for name, head_result in result.heads.items():
+        config = head_result.config
+        settings = ", ".join(f"{key.replace('_', ' ')} {config[key]}" for key in SETTING_KEYS if key in config)
+        lines.append(f"- {name}: fusion {config.get('fusion', 'concat')}, {settings}")
     if result.tests:
         lines += [
             "",
@@ -242,8 +249,10 @@ def format_markdown(result: CompareResult) -> str:
             )
         lines += [
             "",
-            "The paired bootstrap resamples patients and averages the AUC difference over repeats; "
-            "DeLong's test compares the AUCs of each patient's probability averaged over repeats.",
+            "The table's ROC AUC is the mean of per-fold AUCs. The tests pool the out-of-fold predictions "
+            "of all folds instead: the paired bootstrap resamples patients and averages the pooled AUC "
+            "difference over repeats, and DeLong's test compares the pooled AUCs of each patient's "
+            "probability averaged over repeats. So their AUCs differ slightly from the table's.",
         ]
     return "\n".join(lines) + "\n"
 
@@ -303,7 +312,7 @@ def plot_roc(result: CompareResult, path: Path) -> None:
             continue
         false_positive, true_positive, _ = roc_curve(y, mean_probability)
         auc = result.summary[name]["roc_auc"]["mean"]
-        axes.plot(false_positive, true_positive, label=f"{name} (AUC {auc:.3f})")
+        axes.plot(false_positive, true_positive, label=f"{name} (fold-mean AUC {auc:.3f})")
     axes.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
     axes.set_xlabel("False positive rate")
     axes.set_ylabel("True positive rate")
