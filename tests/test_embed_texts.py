@@ -316,3 +316,38 @@ def test_minilm_on_medpix_reports(tmp_path, shared_data, minilm_path):
     assert len(vectors) == report.n_embedded > 0
     assert info.config["weights"]["weights_sha256"]["model.safetensors"].startswith("53aa5117")
     assert info.config["weights"]["tokenizer"]["do_lower_case"] is True
+
+
+def test_revision_read_from_cache_path():
+    from mmdx.embed.texts import revision_from_cache_path
+
+    commit = "a" * 40
+    path = f"/cache/hub/models--dmis-lab--biobert-base-cased-v1.1/snapshots/{commit}/config.json"
+    assert revision_from_cache_path(path) == commit
+    assert revision_from_cache_path("/models/biobert/config.json") is None
+
+
+def test_hub_name_records_revision(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "cache" / "models--mmdx-test--tiny-bert"
+    build_tiny_bert(repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    source = write_reports(tmp_path / "reports.csv", REPORTS)
+    code = (
+        "from mmdx.embed.texts import embed_texts; "
+        f"embed_texts({str(source)!r}, {str(tmp_path / 's.h5')!r}, text_columns=['findings'], "
+        "model='mmdx-test/tiny-bert', quiet=True)"
+    )
+    # The hub cache location and offline mode are read when huggingface_hub is imported, hence a new process.
+    env = dict(os.environ, HF_HUB_CACHE=str(tmp_path / "cache"), HF_HUB_OFFLINE="1")
+    finished = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    _, info = vectors_by_key(tmp_path / "s.h5")
+    weights = info.config["weights"]
+    assert (weights["source"], weights["name"], weights["revision"]) == ("hub", "mmdx-test/tiny-bert", commit)
+    assert info.config["encoder"] == "mmdx-test/tiny-bert"

@@ -86,6 +86,25 @@ def _local_identity(folder: Path) -> dict:
     return {"weights_sha256": weights, "config_sha256": _sha256_file(folder / "config.json")}
 
 
+def revision_from_cache_path(path: str | Path) -> str | None:
+    """Return the commit hash in a Hugging Face cache path ``.../snapshots/<commit>/<file>``, else None."""
+    path = Path(path)
+    if path.parent.parent.name == "snapshots":
+        return path.parent.name
+    return None
+
+
+def _hub_revision(model: str) -> str:
+    """Return the commit hash of the downloaded hub snapshot, or ``"unknown"``."""
+    from transformers.utils import cached_file
+
+    try:
+        path = cached_file(model, "config.json")
+    except OSError:
+        return "unknown"
+    return (revision_from_cache_path(path) if path else None) or "unknown"
+
+
 def _tokenizer_identity(tokenizer) -> dict:
     vocab = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False)
     return {
@@ -155,7 +174,7 @@ def load_text_encoder(model: str, max_length: int | None = None) -> TextEncoder:
     if local:
         identity = {"source": "local folder", **_local_identity(path)}
     else:
-        identity = {"source": "hub", "name": model, "revision": getattr(config, "_commit_hash", None) or "unknown"}
+        identity = {"source": "hub", "name": model, "revision": _hub_revision(model)}
     identity["tokenizer"] = _tokenizer_identity(tokenizer)
 
     training = None
