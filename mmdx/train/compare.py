@@ -3,7 +3,7 @@
 Every head is cross-validated by :func:`mmdx.train.run.train_head` with the
 same labels, folds, seeds and repeats, so the out-of-fold predictions of two
 heads are paired patient by patient. The table gives each metric as the mean
-over folds and repeats with a Student-t 95% interval; each hybrid head is
+over folds and repeats with a Student-t 95% interval. Each hybrid head is
 then compared with the best unimodal head (highest mean ROC AUC) by a paired
 bootstrap over patients and by DeLong's test.
 """
@@ -148,7 +148,7 @@ def compare(
     fusions
         Fusion strategies to train besides the recipe's ``concat`` hybrid
         (names from :data:`~mmdx.train.fusion.FUSIONS`). Ignored when the
-        store holds one modality only; then the unimodal head is reported.
+        store contains one modality only, and then the unimodal head is reported.
     folds, seed, repeats
         The folds: repeat ``r`` splits with seed ``seed + r``, for every head.
     bootstrap

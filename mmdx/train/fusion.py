@@ -710,6 +710,7 @@ def load_patient_data_keep_missing(
     mask[np.searchsorted(patient_ids, text.patient_ids), 1] = 1
     x = {"image": spread(image, image.x["image"]), MASK_KEY: mask}
     fold_x = {}
+    # NOTE: the per-fold text branch (a text encoder fine-tuned per fold) has no test yet.
     if "text" in text.fold_x:
         fold_x["text"] = [spread(text, matrix) for matrix in text.fold_x["text"]]
     else:

@@ -200,7 +200,7 @@ def paired_bootstrap(
     -------
     PairedResult
         ``difference`` is the metric of ``a`` minus that of ``b`` on all
-        patients, averaged over repeats; the interval is the percentile
+        patients, averaged over repeats. The interval is the percentile
         interval of the resampled differences. The p-value is twice the
         smaller share of resampled differences on either side of zero (a
         difference of exactly zero counts half to each side, and one is
