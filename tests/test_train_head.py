@@ -260,6 +260,18 @@ def test_folds_same_across_modalities(synthetic):
     assert test_sets["hybrid"] == test_sets["text"]
 
 
+def test_train_head_same_test_folds_per_modality(synthetic):
+    store, labels = synthetic
+    fold_of = {}
+    for modality in ("image", "text", "hybrid"):
+        result = train_head(store, labels, "label", modality=modality, folds=4, seed=2, epochs=1, jobs=1)
+        predictions = result.cv.predictions
+        fold_of[modality] = dict(zip(predictions["patient_id"].tolist(), predictions["fold"].tolist()))
+    assert len(fold_of["hybrid"]) == 150
+    assert fold_of["hybrid"] == fold_of["image"]
+    assert fold_of["hybrid"] == fold_of["text"]
+
+
 def test_folds_restricted_to_present_patients(tmp_path):
     store = tmp_path / "store.h5"
     ids = [f"P{i}" for i in range(40)]
