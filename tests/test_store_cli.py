@@ -42,7 +42,8 @@ def test_info_lists_sets_and_pending_shards(tmp_path):
     assert "1 journal shard(s) pending" in result.output
     assert name in result.output
     assert "rows 4, patients 4, views 1" in result.output
-    assert "max_length: 16" in result.output
+    assert "  configuration:\n    max_length: 16\n" in result.output
+    assert "  provenance:" not in result.output  # make_store records no provenance
 
     listing = json.loads(run("info", path, "--json").output)
     assert listing["pending_shards"] == 1
@@ -252,6 +253,9 @@ def test_merge_unites_rows_later_store_wins(tmp_path):
     assert sorted(vectors) == ["p1", "p2", "p3"]
     assert np.array_equal(vectors["p1"], fake_vector("p1", "row p1"))
     assert vectors["p2"][0] == 7.0
+    hashes = dict(zip(rows.patient_ids.tolist(), rows.hashes.tolist()))
+    assert hashes["p2"] == "e" * 64
+    assert hashes["p1"] != "e" * 64
     assert len(FeatureStore(out).read(other).rows) == 1
     assert run("verify", out).exit_code == 0
 

@@ -38,11 +38,12 @@ def info(store_path: str, as_json: bool) -> None:
         click.echo(f"  modality {s.modality}, encoder {s.encoder}, width {s.width}")
         click.echo(f"  rows {s.n_rows}, patients {s.n_patients}, views {s.n_views}")
         click.echo(f"  created {s.created}, updated {s.updated}")
-        for key in sorted(s.config):
-            if key not in ("modality", "encoder", "width"):
-                click.echo(f"  {key}: {json.dumps(s.config[key], sort_keys=True)}")
-        for key in sorted(s.info):
-            click.echo(f"  {key}: {json.dumps(s.info[key], sort_keys=True)}")
+        config = {k: v for k, v in s.config.items() if k not in ("modality", "encoder", "width")}
+        for title, values in (("configuration", config), ("provenance", s.info)):
+            if values:
+                click.echo(f"  {title}:")
+            for key in sorted(values):
+                click.echo(f"    {key}: {json.dumps(values[key], sort_keys=True)}")
 
 
 def _as_dict(summary) -> dict:
