@@ -197,3 +197,44 @@ def test_train_head_drops_patients_without_keep_missing(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["modality_counts"]["both"] == N_PATIENTS - 30
     assert metrics["n_patients"] == N_PATIENTS - 30
+
+
+def test_train_head_rejects_bad_dropout(tmp_path):
+    store_path, labels_path = _write_store(tmp_path, image_signal=1.0, text_signal=1.0)
+
+    run = CliRunner().invoke(main, [
+        "train-head", "--store", str(store_path), "--labels", str(labels_path), "--label-column", "group",
+        "--positive", "pos", "--fusion", "gated", "--dropout", "1.0",
+    ])
+
+    assert run.exit_code == 2
+    assert "--dropout" in run.output
+
+
+def test_train_head_keep_missing_with_augmented_is_an_error(tmp_path):
+    store_path, labels_path = _write_store(tmp_path, image_signal=1.0, text_signal=1.0)
+
+    run = CliRunner().invoke(main, [
+        "train-head", "--store", str(store_path), "--labels", str(labels_path), "--label-column", "group",
+        "--positive", "pos", "--keep-missing", "--augmented",
+    ])
+
+    assert run.exit_code == 1
+    assert run.output.startswith("Error: --keep-missing")
+
+
+def test_train_head_default_stays_recipe(tmp_path):
+    store_path, labels_path = _write_store(tmp_path, image_signal=1.0, text_signal=1.0)
+    out = tmp_path / "run"
+
+    run = CliRunner().invoke(main, [
+        "train-head", "--store", str(store_path), "--labels", str(labels_path), "--label-column", "group",
+        "--positive", "pos", "--folds", "3", "--jobs", "1", "--out", str(out), "-q",
+    ])
+
+    assert run.exit_code == 0, run.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["fusion"] == "concat"
+    assert metrics["standardize"] is False
+    assert metrics["regularisation"] == {"dropout": 0.0, "weight_decay": 0.0, "early_stopping": 0,
+                                         "class_weight": "none", "modality_dropout": 0.0}

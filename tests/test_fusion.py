@@ -180,3 +180,15 @@ def test_factory_falls_back_to_unimodal_head():
 
     assert isinstance(head, FusionHead)
     assert head.modalities == ["text"]
+
+
+def test_factory_concat_defaults_to_recipe_head():
+    from mmdx.train.heads import ConcatHead
+
+    recipe = make_head_factory("concat", FusionOptions())({"image": 8, "text": 4})
+    regularised = make_head_factory("concat", FusionOptions(dropout=0.2))({"image": 8, "text": 4})
+    masked = make_head_factory("concat", FusionOptions(), masked=True)({"image": 8, "text": 4})
+
+    assert isinstance(recipe, ConcatHead)
+    assert isinstance(regularised, FusionHead)
+    assert isinstance(masked, FusionHead)
