@@ -157,3 +157,18 @@ def test_auto_rejects_mismatching_conversion(encoder, converted, tmp_path, monke
 def test_unknown_engine_raises(encoder):
     with pytest.raises(InputError, match="--engine must be one of auto, keras, onnx, got 'tensorrt'"):
         engines.select_image_engine(encoder, "tensorrt")
+
+
+def test_onnx_split_matches_single_thread(converted, batch):
+    cache_dir = converted[0]
+    model_bytes = next((cache_dir / "onnx").iterdir()).read_bytes()
+    single = engines.onnx_runner(model_bytes, threads=1)(batch)
+    split = engines.onnx_runner(model_bytes, threads=3)(batch)
+    assert split.shape == (5, 1280)
+    np.testing.assert_array_equal(split, single)
+
+
+def test_onnx_runner_rejects_zero_threads(converted):
+    model_bytes = next((converted[0] / "onnx").iterdir()).read_bytes()
+    with pytest.raises(InputError, match="threads must be at least 1, got 0"):
+        engines.onnx_runner(model_bytes, threads=0)
