@@ -450,3 +450,31 @@ def test_registered_format_hooks(tmp_path, monkeypatch):
     ids = {item.name: item.patient_id for item in overridden.items}
     assert ids["b_img"] == "b"  # a matching pattern overrides the stored ID
     assert ids["c_img"] == "P8"  # a file that stores its ID falls back to it
+
+
+# Scanner options per call ----------------------------------------------------------------
+
+
+def test_scanner_options_bound_to_one_source(tmp_path):
+    nib = pytest.importorskip("nibabel")
+    from mmdx.embed.scanners import ScannerOptions
+
+    volume = np.random.default_rng(4).random((8, 9, 6)).astype(np.float32)
+    nib.save(nib.Nifti1Image(volume, np.eye(4)), tmp_path / "case1.nii.gz")
+    registry = list(image_sources._FORMATS)
+    narrow = ScannerOptions(slices="all", percentiles=(40, 60))
+
+    custom = collect_image_items(tmp_path, scanner_options=narrow)
+    default = collect_image_items(tmp_path)
+
+    assert image_sources._FORMATS == registry
+    assert len(custom.items) == 6
+    assert custom.config["nifti"]["percentiles"] == [40.0, 60.0]
+    assert len(default.items) == 1
+    assert default.config["nifti"]["slices"] == "middle"
+    middle = next(item for item in custom.items if item.name == default.items[0].name)
+    narrow_pixels = custom.load_pixels(middle)
+    default_pixels = default.load_pixels(default.items[0])
+    # 40-60 percentiles map more values to 0 and 255 than 0.5-99.5 do.
+    assert np.mean((narrow_pixels == 0) | (narrow_pixels == 255)) > np.mean((default_pixels == 0) | (default_pixels == 255))
+    assert np.array_equal(load_pixels(default.items[0]), default_pixels)

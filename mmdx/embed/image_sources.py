@@ -14,7 +14,9 @@ known suffix, through :func:`register_image_format`; other files go through
 Pillow. Colour conversion to 3-channel ``uint8`` RGB happens afterwards in
 :func:`to_rgb_uint8`, whatever the format. DICOM and NIfTI
 (:mod:`mmdx.embed.scanners`) are registered with default options when this
-module is imported.
+module is imported. A caller that needs other scanner options passes them to
+:func:`collect_image_items`, which binds them to that one source and leaves
+the registry unchanged.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -37,6 +39,7 @@ __all__ = [
     "ImageRef",
     "ImageSource",
     "collect_image_items",
+    "compile_id_pattern",
     "expand_image_file",
     "load_pixels",
     "register_image_format",
@@ -124,46 +127,81 @@ def register_image_format(
         ``config(items) -> dict``: entries for the feature set config that
         describe how this format's ``items`` were turned into pixels.
     """
-    image_format = _ImageFormat(
-        tuple(s.lower() for s in suffixes), expand, load, sniff, patient_id_from_file, arrange, config
+    _FORMATS.insert(0, _make_format(suffixes, expand, load, sniff, patient_id_from_file, arrange, config))
+
+
+def _make_format(suffixes, expand, load, sniff=None, patient_id_from_file=False, arrange=None, config=None) -> _ImageFormat:
+    return _ImageFormat(tuple(s.lower() for s in suffixes), expand, load, sniff, patient_id_from_file, arrange, config)
+
+
+def formats_with_scanner_options(options) -> tuple[_ImageFormat, ...]:
+    """Return the registered formats with DICOM and NIfTI bound to ``options``, without changing the registry.
+
+    The DICOM and NIfTI entries come first, so they take precedence over any
+    registered handler for the same suffixes.
+    """
+    from mmdx.embed import scanners
+
+    def expand(path: Path, name: str, patient_id: str | None, content_hash: str) -> list[Item]:
+        return scanners.expand_scanner_file(path, options, name, patient_id, content_hash)
+
+    def load(item: Item) -> np.ndarray:
+        return scanners.load_scanner_pixels(item.payload, options)
+
+    def config(items: list[Item]) -> dict:
+        return scanners.scanner_config(options, items)
+
+    dicom = _make_format(
+        scanners.DICOM_SUFFIXES,
+        expand,
+        load,
+        sniff=scanners.is_dicom,
+        patient_id_from_file=True,
+        arrange=scanners.arrange_dicom_items,
+        config=config,
     )
-    _FORMATS.insert(0, image_format)
+    nifti = _make_format(scanners.NIFTI_SUFFIXES, expand, load, config=config)
+    return (nifti, dicom, *_FORMATS)
 
 
-def _format_for(path: Path, sniff: bool = True) -> _ImageFormat | None:
-    """Return the registered format of ``path`` by suffix, else by content unless it has a Pillow suffix."""
+def _format_for(path: Path, sniff: bool = True, formats: Sequence[_ImageFormat] | None = None) -> _ImageFormat | None:
+    """Return the format of ``path`` by suffix, else by content unless it has a Pillow suffix.
+
+    ``formats`` defaults to the registry.
+    """
+    formats = _FORMATS if formats is None else formats
     lower = path.name.lower()
-    for image_format in _FORMATS:
+    for image_format in formats:
         if lower.endswith(image_format.suffixes):
             return image_format
     if not sniff or path.suffix.lower() in PILLOW_SUFFIXES:
         return None
-    for image_format in _FORMATS:
+    for image_format in formats:
         if image_format.sniff is not None and image_format.sniff(path):
             return image_format
     return None
 
 
-def is_image_name(path: Path) -> bool:
-    """Tell whether a folder scan should embed ``path``, by its suffix or a registered content check."""
+def is_image_name(path: Path, formats: Sequence[_ImageFormat] | None = None) -> bool:
+    """Tell whether a folder scan should embed ``path``, by its suffix or a format's content check."""
     if path.name.startswith("."):
         return False
-    return path.suffix.lower() in PILLOW_SUFFIXES or _format_for(path) is not None
+    return path.suffix.lower() in PILLOW_SUFFIXES or _format_for(path, formats=formats) is not None
 
 
-def expand_image_file(path: Path, name: str, patient_id: str | None) -> list[Item]:
+def expand_image_file(path: Path, name: str, patient_id: str | None, formats: Sequence[_ImageFormat] | None = None) -> list[Item]:
     """Hash one file and turn it into its items (one for a plain image file).
 
     ``patient_id`` may be None only for formats registered with
-    ``patient_id_from_file``. Raises ``InputError`` when the file cannot be
-    read at all. Damaged image data is found later, when the pixels are
-    loaded, and is a per-item failure.
+    ``patient_id_from_file``. ``formats`` defaults to the registry. Raises
+    ``InputError`` when the file cannot be read at all. Damaged image data
+    is found later, when the pixels are loaded, and is a per-item failure.
     """
     try:
         content_hash = sha256_bytes(path.read_bytes())
     except OSError as exc:
         raise InputError(f"{name}: cannot read the file ({exc.strerror or exc}); check its permissions") from exc
-    image_format = _format_for(path)
+    image_format = _format_for(path, formats=formats)
     if image_format is not None:
         return image_format.expand(path, name, patient_id, content_hash)
     if patient_id is None:
@@ -171,10 +209,15 @@ def expand_image_file(path: Path, name: str, patient_id: str | None) -> list[Ite
     return [Item(patient_id, name, content_hash, 0, ImageRef(path))]
 
 
-def load_pixels(item: Item) -> np.ndarray:
-    """Load one item's pixels as an ``HxW`` or ``HxWxC`` array, by the registered format or Pillow."""
+def load_pixels(item: Item, formats: Sequence[_ImageFormat] | None = None) -> np.ndarray:
+    """Load one item's pixels as an ``HxW`` or ``HxWxC`` array, by its format or Pillow.
+
+    ``formats`` defaults to the registry; pass :attr:`ImageSource.formats`
+    (or call :meth:`ImageSource.load_pixels`) for items of a source
+    collected with scanner options.
+    """
     ref: ImageRef = item.payload
-    image_format = _format_for(ref.path)
+    image_format = _format_for(ref.path, formats=formats)
     if image_format is not None:
         return image_format.load(item)
     return _load_with_pillow(ref.path)
@@ -259,12 +302,17 @@ def _scale_min_max(values: np.ndarray) -> np.ndarray:
 
 @dataclass
 class ImageSource:
-    """The items found in a source, and what the scan left out."""
+    """The items found in a source, what the scan left out, and the formats that read them."""
 
     items: list[Item]
     kind: str  # "folder" or "manifest"
     n_skipped_files: int = 0
     config: dict = field(default_factory=dict)  # feature set config entries of the registered formats used
+    formats: tuple | None = None  # the formats the items were listed with (None: the registry)
+
+    def load_pixels(self, item: Item) -> np.ndarray:
+        """Load one item's pixels with the formats this source was collected with."""
+        return load_pixels(item, self.formats)
 
 
 def collect_image_items(
@@ -273,6 +321,7 @@ def collect_image_items(
     id_pattern: str | None = None,
     id_column: str = "patient_id",
     path_column: str = "image",
+    scanner_options=None,
 ) -> ImageSource:
     """List the images of a folder or CSV manifest as items, without decoding them.
 
@@ -289,6 +338,9 @@ def collect_image_items(
     id_column, path_column
         Manifest columns with the patient ID and the image path. Paths are
         relative to the manifest's folder and must stay inside it.
+    scanner_options : mmdx.embed.scanners.ScannerOptions, optional
+        DICOM and NIfTI options for this source only; the registered
+        handlers (default options unless changed) when None.
 
     Raises
     ------
@@ -298,17 +350,19 @@ def collect_image_items(
         match ``id_pattern``, or an image listed twice for one patient.
     """
     path = Path(source)
-    pattern = _compile_id_pattern(id_pattern)
+    pattern = compile_id_pattern(id_pattern)
+    formats = tuple(_FORMATS) if scanner_options is None else formats_with_scanner_options(scanner_options)
     if path.is_dir():
-        return _collect_folder(path, pattern)
+        return _collect_folder(path, pattern, formats)
     if path.is_file():
         if path.suffix.lower() != ".csv":
             raise InputError(f"{path}: source must be a folder of images or a .csv manifest, got a {path.suffix or 'suffix-less'} file")
-        return _collect_manifest(path, pattern, id_column, path_column)
+        return _collect_manifest(path, pattern, id_column, path_column, formats)
     raise InputError(f"{path}: source not found; give a folder of images or a CSV manifest")
 
 
-def _compile_id_pattern(id_pattern: str | None) -> re.Pattern | None:
+def compile_id_pattern(id_pattern: str | None) -> re.Pattern | None:
+    """Compile ``--id-pattern``; raise ``InputError`` when it is invalid or has no group."""
     if id_pattern is None:
         return None
     try:
@@ -332,32 +386,34 @@ def _patient_id_from_name(pattern: re.Pattern | None, file_name: str, where: str
     return match.group(1)
 
 
-def _collect_folder(folder: Path, pattern: re.Pattern | None) -> ImageSource:
+def _collect_folder(folder: Path, pattern: re.Pattern | None, formats: tuple) -> ImageSource:
     expanded: list[tuple[_ImageFormat | None, list[Item]]] = []
     n_skipped = 0
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         name = path.relative_to(folder).as_posix()
-        if not is_image_name(path):
+        if not is_image_name(path, formats):
             n_skipped += 1
             logger.debug("skipped non-image file %s", name)
             continue
-        image_format = _format_for(path)
+        image_format = _format_for(path, formats=formats)
         if image_format is not None and image_format.patient_id_from_file:
             # The file stores its patient ID; a matching --id-pattern overrides it.
             match = pattern.search(path.name) if pattern is not None else None
             patient_id = match.group(1) if match is not None and match.group(1) else None
         else:
             patient_id = _patient_id_from_name(pattern, path.name, name)
-        expanded.append((image_format, expand_image_file(path, name, patient_id)))
+        expanded.append((image_format, expand_image_file(path, name, patient_id, formats)))
     if n_skipped:
         logger.info("%s: skipped %d file(s) that are not images", folder, n_skipped)
-    source = _finish_source(expanded, "folder", n_skipped)
+    source = _finish_source(expanded, "folder", n_skipped, formats)
     if not source.items:
         raise InputError(f"{folder}: no image files found (looked for {', '.join(PILLOW_SUFFIXES)}); check the folder")
     return source
 
 
-def _finish_source(expanded: list[tuple[_ImageFormat | None, list[Item]]], kind: str, n_skipped: int) -> ImageSource:
+def _finish_source(
+    expanded: list[tuple[_ImageFormat | None, list[Item]]], kind: str, n_skipped: int, formats: tuple
+) -> ImageSource:
     """Apply each format's ``arrange`` within its own places and collect the formats' config entries."""
     slots = [(image_format, item) for image_format, items in expanded for item in items]
     config: dict = {}
@@ -370,10 +426,12 @@ def _finish_source(expanded: list[tuple[_ImageFormat | None, list[Item]]], kind:
                 slots[position] = (image_format, item)
         if image_format.config is not None:
             config.update(image_format.config(own_items))
-    return ImageSource([item for _, item in slots], kind, n_skipped, config)
+    return ImageSource([item for _, item in slots], kind, n_skipped, config, formats)
 
 
-def _collect_manifest(manifest: Path, pattern: re.Pattern | None, id_column: str, path_column: str) -> ImageSource:
+def _collect_manifest(
+    manifest: Path, pattern: re.Pattern | None, id_column: str, path_column: str, formats: tuple
+) -> ImageSource:
     base = Path(os.path.abspath(manifest)).parent
     with open(manifest, newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle)
@@ -409,8 +467,8 @@ def _collect_manifest(manifest: Path, pattern: re.Pattern | None, id_column: str
                 f"{where}: image {given!r} of patient {patient_id!r} is already listed in row {seen[key]}; remove the duplicate row"
             )
         seen[key] = row_number
-        expanded.append((_format_for(file_path), expand_image_file(file_path, given, patient_id)))
-    return _finish_source(expanded, "manifest", 0)
+        expanded.append((_format_for(file_path, formats=formats), expand_image_file(file_path, given, patient_id, formats)))
+    return _finish_source(expanded, "manifest", 0, formats)
 
 
 def _resolve_inside(base: Path, given: str, where: str) -> Path:
