@@ -14,6 +14,7 @@ from PIL import Image
 from mmdx.cli import main
 from mmdx.embed.augment import AugmentSettings, apply_transform, augment_image, draw_transform, view_generator
 from mmdx.embed.images import embed_images
+from mmdx.errors import InputError
 from mmdx.store import FeatureStore
 
 TINY = {
@@ -113,7 +114,7 @@ def test_view_generator_depends_on_each_input(other):
     [("rotation", 200, "--rotation"), ("shift", 1.0, "--shift"), ("shear", -1, "--shear"), ("zoom", 1.5, "--zoom"), ("fill", "mirror", "--fill")],
 )
 def test_settings_reject_out_of_range(field, value, expected):
-    with pytest.raises(ValueError, match=expected):
+    with pytest.raises(InputError, match=expected):
         AugmentSettings(**{field: value})
 
 
@@ -265,6 +266,32 @@ def test_plain_run_joins_augmented_set(manifest, tmp_path):
     assert report.n_embedded == 0
     assert report.n_already_stored == 5
     assert len(FeatureStore(store).list_sets()) == 1
+    assert "images with stored views above 0: 5" in report.summary()
+
+
+def test_smaller_k_keeps_and_counts_views(manifest, tmp_path, caplog):
+    store = tmp_path / "s.h5"
+    embed_images(manifest, store, augment_views=3, **TINY)
+    before = read_views(store)
+
+    with caplog.at_level("INFO", logger="mmdx.embed.images"):
+        report = embed_images(manifest, store, augment_views=1, **TINY)
+
+    assert report.n_embedded == 0
+    assert report.extra["images with stored views above 1"] == 5
+    assert "5 images have stored views above --augment-views 1 from an earlier run" in caplog.text
+    after = read_views(store)
+    assert sorted(after) == sorted(before)
+    assert max(key[2] for key in after) == 3
+
+
+def test_same_k_reports_no_extra_views(manifest, tmp_path):
+    store = tmp_path / "s.h5"
+    embed_images(manifest, store, augment_views=2, **TINY)
+
+    report = embed_images(manifest, store, augment_views=2, **TINY)
+
+    assert not any("views above" in key for key in report.extra)
 
 
 @pytest.mark.parametrize(

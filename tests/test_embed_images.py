@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 import random
+import subprocess
+import sys
 from pathlib import Path
 
+import click
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -340,9 +344,137 @@ def test_weights_file_identity_is_sha256(class_folder, tmp_path):
     assert info.info["weights_path"] == str(path)
 
 
-def test_imagenet_alpha_without_weights(class_folder, tmp_path):
-    with pytest.raises(InputError, match="--alpha 0.6 has no ImageNet weights"):
-        embed_images(class_folder, tmp_path / "s.h5", weights="imagenet", alpha=0.6)
+def test_alpha_not_mobilenet_value(class_folder, tmp_path):
+    for weights in ("imagenet", "random"):
+        with pytest.raises(InputError, match="--alpha 0.6 is not a MobileNetV2 width multiplier"):
+            embed_images(class_folder, tmp_path / "s.h5", **{**TINY, "weights": weights, "alpha": 0.6})
+    assert not (tmp_path / "s.h5").exists()
+
+
+def test_width_without_model_matches_keras():
+    from mmdx.embed.images import build_mobilenet, mobilenet_width
+
+    for alpha in (0.35, 1.3):
+        model, _, _ = build_mobilenet("random", 32, alpha, 0)
+        assert mobilenet_width(alpha) == model.output_shape[-1]
+    assert mobilenet_width(1.4) == 1792
+
+
+def test_versions_from_metadata_match_modules():
+    import keras
+    import tensorflow as tf
+
+    from mmdx.embed.images import library_versions
+
+    versions = library_versions()
+
+    assert versions["tensorflow"] == tf.__version__
+    assert versions["keras"] == keras.__version__
+
+
+# Re-runs without TensorFlow ------------------------------------------------------------
+
+RERUN_SCRIPT = """
+import json, sys
+from mmdx.embed.images import embed_images
+report = embed_images(sys.argv[1], sys.argv[2], **json.loads(sys.argv[3]))
+print(json.dumps({"embedded": report.n_embedded, "stored": report.n_already_stored,
+                  "tensorflow": "tensorflow" in sys.modules, "keras": "keras" in sys.modules}))
+"""
+
+
+def rerun_in_subprocess(source: Path, store: Path, options: dict) -> dict:
+    done = subprocess.run(
+        [sys.executable, "-c", RERUN_SCRIPT, str(source), str(store), json.dumps(options, default=str)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_rerun_does_not_import_tensorflow(class_folder, tmp_path):
+    store = tmp_path / "s.h5"
+    embed_images(class_folder, store, **TINY)
+
+    outcome = rerun_in_subprocess(class_folder, store, TINY)
+
+    assert outcome["embedded"] == 0
+    assert outcome["stored"] == 5
+    assert outcome["tensorflow"] is False
+    assert outcome["keras"] is False
+
+
+def test_rerun_with_weights_file_skips_model(class_folder, tmp_path):
+    from mmdx.embed.images import build_mobilenet
+
+    model, _, _ = build_mobilenet("random", 32, 0.35, 1)
+    path = tmp_path / "tiny.weights.h5"
+    model.save_weights(path)
+    options = {**TINY, "weights": str(path)}
+    store = tmp_path / "s.h5"
+    embed_images(class_folder, store, **options)
+
+    outcome = rerun_in_subprocess(class_folder, store, options)
+
+    assert outcome["embedded"] == 0
+    assert outcome["tensorflow"] is False
+    assert len(FeatureStore(store).list_sets()) == 1
+
+
+def test_new_image_builds_model_once(class_folder, tmp_path, monkeypatch):
+    import mmdx.embed.images as images
+
+    store = tmp_path / "s.h5"
+    embed_images(class_folder, store, **TINY)
+    images._last_encoder.clear()
+    calls = []
+    real_build = images.build_mobilenet
+    monkeypatch.setattr(images, "build_mobilenet", lambda *args: calls.append(args) or real_build(*args))
+
+    unchanged = embed_images(class_folder, store, **TINY)
+    assert unchanged.n_embedded == 0
+    assert calls == []
+
+    write_image(class_folder / "n04.png", 77)
+    added = embed_images(class_folder, store, **TINY)
+
+    assert added.n_embedded == 1
+    assert len(calls) == 1
+    (info,) = FeatureStore(store).list_sets()
+    assert info.info["engine"] == "keras"
+
+
+# Scanner options per call --------------------------------------------------------------
+
+
+def write_volume(path: Path, seed: int) -> Path:
+    nib = pytest.importorskip("nibabel")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = np.random.default_rng(seed).random((8, 9, 6)).astype(np.float32)
+    nib.save(nib.Nifti1Image(data, np.eye(4)), path)
+    return path
+
+
+def test_scanner_options_apply_per_call(tmp_path):
+    from mmdx.embed.scanners import ScannerOptions
+
+    folder = tmp_path / "volumes"
+    write_volume(folder / "case1.nii.gz", 1)
+    every_two = ScannerOptions(slices="every:2", percentiles=(5, 95))
+
+    first = embed_images(folder, tmp_path / "a.h5", scanner_options=every_two, **TINY)
+    second = embed_images(folder, tmp_path / "b.h5", **TINY)
+    third = embed_images(folder, tmp_path / "c.h5", scanner_options=ScannerOptions(slices="all"), **TINY)
+
+    assert (first.n_embedded, second.n_embedded, third.n_embedded) == (3, 1, 6)
+    configs = [FeatureStore(tmp_path / name).list_sets()[0].config["nifti"] for name in ("a.h5", "b.h5", "c.h5")]
+    assert configs[0] == {**configs[0], "slices": "every:2", "percentiles": [5.0, 95.0]}
+    assert configs[1]["slices"] == "middle"
+    assert configs[1]["percentiles"] == [0.5, 99.5]
+    assert configs[2]["slices"] == "all"
+    assert configs[2]["percentiles"] == [0.5, 99.5]
 
 
 # Command line ------------------------------------------------------------------------
@@ -359,23 +491,65 @@ def test_cli_embeds_and_prints_summary(class_folder, tmp_path):
     assert "5 items, 5 embedded, 0 already stored, 0 failed (width 1280" in result.output
 
 
-def test_cli_missing_weights_is_one_error_line(class_folder, tmp_path):
-    args = ["embed", "images", str(class_folder), "--store", str(tmp_path / "s.h5"), "--weights", "nope.weights.h5"]
+BAD_OPTIONS = [
+    (["--image-size", "0"], "--image-size"),
+    (["--image-size", "8"], "--image-size"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--alpha", "0.3"], "--alpha"),
+    (["--alpha", "x"], "--alpha"),
+    (["--augment-views", "-1"], "--augment-views"),
+    (["--rotation", "-5"], "--rotation"),
+    (["--shift", "1"], "--shift"),
+    (["--shear", "91"], "--shear"),
+    (["--zoom", "-0.1"], "--zoom"),
+    (["--fill", "mirror"], "--fill"),
+    (["--engine", "tflite"], "--engine"),
+    (["--random-seed", "x"], "--random-seed"),
+    (["--augment-seed", "1.5"], "--augment-seed"),
+    (["--window", "40"], "--window"),
+    (["--slices", "every:0"], "--slices"),
+    (["--slice-axis", "oblique"], "--slice-axis"),
+    (["--percentiles", "90,10"], "--percentiles"),
+    (["--id-pattern", "("], "--id-pattern"),
+    (["--id-pattern", r"^\w+"], "--id-pattern"),
+    (["--on-error", "ignore"], "--on-error"),
+    (["--wait", "-1"], "--wait"),
+    (["--weights", "/nonexistent"], "--weights"),
+]
 
-    result = CliRunner().invoke(main, args)
 
-    assert result.exit_code == 1
-    assert result.output.startswith("Error: --weights 'nope.weights.h5': file not found")
+@pytest.mark.parametrize("args, option", BAD_OPTIONS, ids=[" ".join(args) for args, _ in BAD_OPTIONS])
+def test_cli_bad_option_one_error_line(class_folder, tmp_path, args, option):
+    store = tmp_path / "s.h5"
+
+    result = CliRunner().invoke(main, ["embed", "images", str(class_folder), "--store", str(store), *args])
+
+    assert result.exit_code == 2, result.output
+    error_lines = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(error_lines) == 1, result.output
+    assert option in error_lines[0]
     assert "Traceback" not in result.output
+    assert not store.exists()
 
 
-def test_cli_image_size_too_small(class_folder, tmp_path):
-    args = ["embed", "images", str(class_folder), "--store", str(tmp_path / "s.h5"), "--image-size", "8"]
+def test_cli_help_states_every_default():
+    from mmdx.cli.embed_images import images
 
-    result = CliRunner().invoke(main, args)
+    for param in images.params:
+        if not isinstance(param, click.Option) or param.name == "help":
+            continue
+        assert param.help, param.name
+        has_default = param.required or param.is_flag or param.show_default or "[default:" in param.help
+        assert has_default, param.name
 
-    assert result.exit_code == 2
-    assert "--image-size" in result.output
+
+def test_cli_alpha_help_lists_mobilenet_alphas():
+    from mmdx.cli.embed_images import ALPHA_HELP
+    from mmdx.embed.images import MOBILENET_ALPHAS
+
+    listed = ALPHA_HELP.replace(" or ", ", ").split(", ")
+
+    assert tuple(float(value) for value in listed) == MOBILENET_ALPHAS
 
 
 # Real data and weights ----------------------------------------------------------------

@@ -2,27 +2,44 @@
 
 from __future__ import annotations
 
+import importlib
+
 import click
 
 from mmdx.cli import report_errors
 from mmdx.errors import InputError
 
 
-def _scanner_option(parser_name: str):
-    """Return a click callback that parses a value with ``mmdx.embed.scanners.<parser_name>``.
+def _checked(module_name: str, function_name: str, *, keep_value: bool = False):
+    """Return a click callback that checks a value with ``<module_name>.<function_name>``.
 
-    The parser's ``InputError`` becomes a usage error (exit status 2).
+    The callback returns what the function returns, or the value as given
+    with ``keep_value``. The function's ``InputError`` becomes a usage error
+    (exit status 2). The module is imported only when the option is parsed,
+    so ``mmdx --help`` stays fast.
     """
 
     def callback(ctx, param, value):
-        from mmdx.embed import scanners
-
+        if value is None:
+            return None
+        module = importlib.import_module(module_name)
         try:
-            return getattr(scanners, parser_name)(value)
+            checked = getattr(module, function_name)(value)
         except InputError as exc:
             raise click.BadParameter(str(exc)) from None
+        return value if keep_value else checked
 
     return callback
+
+
+def _scanner_option(parser_name: str):
+    """Return a click callback that parses a value with ``mmdx.embed.scanners.<parser_name>``."""
+    return _checked("mmdx.embed.scanners", parser_name)
+
+
+# The values of mmdx.embed.images.MOBILENET_ALPHAS, written out so that the
+# help needs no import; a test checks that the two agree.
+ALPHA_HELP = "0.35, 0.5, 0.75, 1.0, 1.3 or 1.4"
 
 
 @click.command()
@@ -32,14 +49,16 @@ def _scanner_option(parser_name: str):
     "--weights",
     default="imagenet",
     show_default=True,
-    help="imagenet (Keras download), random, or PATH to a MobileNetV2 no-top Keras weights file.",
+    metavar="imagenet|random|PATH",
+    callback=_checked("mmdx.embed.images", "resolve_weights"),
+    help="imagenet (Keras download), random (seeded by --random-seed), or PATH to a MobileNetV2 no-top Keras weights file (.weights.h5).",
 )
 @click.option("--image-size", default=128, show_default=True, type=click.IntRange(min=32), help="Height and width in pixels the images are resized to (bilinear).")
-@click.option("--alpha", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True), help="MobileNetV2 width multiplier.")
+@click.option("--alpha", default=1.0, show_default=True, type=float, callback=_checked("mmdx.embed.images", "check_alpha"), help=f"MobileNetV2 width multiplier (filters per layer relative to the standard network): {ALPHA_HELP}.")
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1), help="Images per network call and per store commit.")
-@click.option("--random-seed", default=0, show_default=True, type=int, help="Seed of the initial weights with --weights random.")
+@click.option("--random-seed", default=0, show_default=True, type=int, help="Seed of the initial weights with --weights random; ignored otherwise.")
 @click.option("--engine", type=click.Choice(["auto", "keras", "onnx"]), default="auto", show_default=True, help="Inference engine: auto uses ONNX Runtime when installed and it matches Keras, else Keras.")
-@click.option("--augment-views", default=0, show_default=True, type=click.IntRange(min=0), help="Randomly augmented views stored per image besides the plain one.")
+@click.option("--augment-views", default=0, show_default=True, type=click.IntRange(min=0), help="Number of randomly augmented views stored per image besides the plain one; views above it stored by an earlier run stay.")
 @click.option("--rotation", default=40.0, show_default=True, type=click.FloatRange(0, 180), help="Augmentation: maximum rotation in degrees.")
 @click.option("--shift", default=0.2, show_default=True, type=click.FloatRange(0, 1, max_open=True), help="Augmentation: maximum shift as a fraction of height and width.")
 @click.option("--shear", default=0.2, show_default=True, type=click.FloatRange(0, 90), help="Augmentation: maximum shear angle in degrees (as Keras ImageDataGenerator).")
@@ -47,17 +66,17 @@ def _scanner_option(parser_name: str):
 @click.option("--flip/--no-flip", default=True, show_default=True, help="Augmentation: flip horizontally with probability 0.5.")
 @click.option("--fill", type=click.Choice(["nearest", "constant", "reflect", "wrap"]), default="nearest", show_default=True, help="Augmentation: how points outside the image are filled.")
 @click.option("--augment-seed", default=0, show_default=True, type=int, help="Seed of the augmentation; the same seed reproduces the same views.")
-@click.option("--window", default="stored", show_default=True, callback=_scanner_option("parse_window"), help="DICOM grey-level window: stored (the file's own), minmax, or CENTER,WIDTH in modality units.")
-@click.option("--slices", default="middle", show_default=True, callback=_scanner_option("parse_slices"), help="NIfTI slices to embed: middle, all or every:N.")
+@click.option("--window", default="stored", show_default=True, metavar="stored|minmax|CENTER,WIDTH", callback=_scanner_option("parse_window"), help="DICOM grey-level window: stored (the file's own), minmax, or CENTER,WIDTH in modality units.")
+@click.option("--slices", default="middle", show_default=True, metavar="middle|all|every:N", callback=_scanner_option("parse_slices"), help="NIfTI slices to embed: middle, all or every:N.")
 @click.option("--slice-axis", type=click.Choice(["axial", "coronal", "sagittal"]), default="axial", show_default=True, help="NIfTI slice axis, in RAS orientation.")
-@click.option("--percentiles", default="0.5,99.5", show_default=True, callback=_scanner_option("parse_percentiles"), help="NIfTI: LOW,HIGH percentiles of each volume mapped to 0 and 255.")
-@click.option("--id-pattern", default=None, help="Regular expression whose first group, searched in the file name, is the patient ID (default: the file stem, or --id-column for a manifest).")
+@click.option("--percentiles", default="0.5,99.5", show_default=True, metavar="LOW,HIGH", callback=_scanner_option("parse_percentiles"), help="NIfTI: percentiles (0-100) of each volume mapped to 0 and 255.")
+@click.option("--id-pattern", default=None, metavar="REGEX", callback=_checked("mmdx.embed.image_sources", "compile_id_pattern", keep_value=True), help="Regular expression whose first group, searched in the file name, is the patient ID  [default: the file stem, or --id-column for a manifest].")
 @click.option("--id-column", default="patient_id", show_default=True, help="Manifest column with the patient ID.")
 @click.option("--path-column", default="image", show_default=True, help="Manifest column with the image path, relative to the manifest's folder.")
 @click.option("--on-error", type=click.Choice(["fail", "skip"]), default="fail", show_default=True, help="On an unreadable image: stop, or leave it out and list it in --rejects.")
 @click.option("--rejects", type=click.Path(dir_okay=False), default=None, help="CSV of skipped images [default: <store>.rejects-images.csv].")
 @click.option("--wait", type=click.FloatRange(min=0), default=0, show_default=True, help="Seconds to wait for another writer's lock on the store.")
-@click.option("--quiet", is_flag=True, help="Hide the progress bar.")
+@click.option("--quiet", is_flag=True, help="Hide the progress bar (shown by default).")
 @report_errors
 def images(
     source, store, weights, image_size, alpha, batch_size, random_seed, engine, augment_views, rotation, shift,

@@ -24,6 +24,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from mmdx.errors import InputError
+
 __all__ = ["FILL_MODES", "AugmentSettings", "apply_transform", "augment_image", "draw_transform", "view_generator"]
 
 # Fill modes of ImageDataGenerator, passed to scipy.ndimage unchanged as Keras does.
@@ -50,9 +52,9 @@ class AugmentSettings:
         ]
         for name, valid, expected in checks:
             if not valid:
-                raise ValueError(f"--{name} must be {expected}, got {getattr(self, name)}")
+                raise InputError(f"--{name} must be {expected}, got {getattr(self, name)}")
         if self.fill not in FILL_MODES:
-            raise ValueError(f"--fill must be one of {', '.join(FILL_MODES)}, got {self.fill!r}")
+            raise InputError(f"--fill must be one of {', '.join(FILL_MODES)}, got {self.fill!r}")
 
     def config(self, seed: int) -> dict:
         """Describe the settings and seed for a feature set config (everything that changes the views)."""

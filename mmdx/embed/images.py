@@ -13,15 +13,22 @@ With ``augment_views=K`` each image also gets K randomly augmented views
 (rows with view 1..K, see :mod:`mmdx.embed.augment`) in the same feature
 set as its plain vector (view 0). The augmentation settings and seed are
 part of the set's config and K is not, so a re-run with a larger K embeds
-only the missing views.
+only the missing views. A re-run with a smaller K keeps the views above K,
+because they are valid vectors of the same config. The run's summary counts
+the images that have them.
 
-TensorFlow is imported only inside :func:`build_mobilenet`.
+TensorFlow is imported only inside :func:`build_mobilenet`, and only when
+something is left to embed. The feature set config reads the TensorFlow and
+Keras versions from the installed package metadata, so a re-run with
+nothing new checks the store without loading the model.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.metadata
+import json
 import logging
 import os
 import random
@@ -41,16 +48,30 @@ from mmdx.embed.runner import EmbedReport, Item, ItemFailure, embed_items, fixed
 from mmdx.errors import InputError
 from mmdx.store import FeatureStore
 
-__all__ = ["ENCODER", "build_mobilenet", "embed_images", "prepare_image", "preprocess_batch"]
+__all__ = [
+    "ENCODER",
+    "MOBILENET_ALPHAS",
+    "build_mobilenet",
+    "embed_images",
+    "library_versions",
+    "mobilenet_width",
+    "prepare_image",
+    "preprocess_batch",
+]
 
 logger = logging.getLogger(__name__)
 
 ENCODER = "keras.applications.MobileNetV2"
 RESIZE_METHOD = "Pillow BILINEAR to image_size x image_size, aspect ratio not kept"
 SCALING = "mobilenet_v2.preprocess_input"
-# Alpha values for which Keras publishes ImageNet weights.
-IMAGENET_ALPHAS = (0.35, 0.5, 0.75, 1.0, 1.3, 1.4)
+# Width multipliers of MobileNetV2 for which Keras publishes ImageNet weights.
+# Keras builds other values with random weights, but no published weights
+# file fits them, so embed_images rejects them whatever --weights is.
+MOBILENET_ALPHAS = (0.35, 0.5, 0.75, 1.0, 1.3, 1.4)
 MIN_IMAGE_SIZE = 32
+# Distributions that install the ``tensorflow`` module, tried in this order
+# when reading its version from package metadata.
+TENSORFLOW_DISTRIBUTIONS = ("tensorflow", "tensorflow-cpu", "tensorflow-intel", "tensorflow-macos", "tf-nightly", "tf-nightly-cpu")
 
 RunFn = Callable[[np.ndarray], np.ndarray]
 
@@ -94,14 +115,14 @@ def embed_images(
     image_size
         Height and width the images are resized to, at least 32.
     alpha
-        MobileNetV2 width multiplier.
+        MobileNetV2 width multiplier, one of :data:`MOBILENET_ALPHAS`.
     batch_size
         Images per network call and per store commit.
     random_seed
         Seed of the initial weights with ``weights="random"``; ignored otherwise.
     augment_views
         Number of randomly augmented views stored per image besides the
-        plain one (view 0).
+        plain one (view 0). Views above it stored by an earlier run stay.
     augment
         Ranges of the augmentation; the recipe's defaults when ``None``.
         Part of the feature set config even with ``augment_views=0``.
@@ -113,9 +134,10 @@ def embed_images(
         :func:`mmdx.embed.engines.select_image_engine`. The engine does not
         change the feature set.
     scanner_options
-        A :class:`mmdx.embed.scanners.ScannerOptions` for DICOM and NIfTI
-        files (window, slices); registered for this and later calls. The
-        options of the formats present join the feature set config.
+        A :class:`mmdx.embed.scanners.ScannerOptions` for the DICOM and
+        NIfTI files of this call (window, slices); the registered defaults
+        when None. The options of the formats present join the feature set
+        config.
     id_pattern, id_column, path_column
         How patient IDs and image paths are read from the source.
     on_error
@@ -135,18 +157,13 @@ def embed_images(
     EmbedReport
         Counts of items found, already stored, embedded and failed.
     """
-    options = _check_options(weights, image_size, alpha, batch_size, on_error)
-    if int(augment_views) < 0:
-        raise InputError(f"--augment-views must be 0 or more, got {augment_views}")
+    resolved_weights = _check_options(weights, image_size, alpha, batch_size, augment_views, engine, on_error)
     augment = augment or AugmentSettings()
-    if scanner_options is not None:
-        from mmdx.embed.scanners import register_scanner_formats
-
-        register_scanner_formats(scanner_options)
-    found = collect_image_items(source, id_pattern=id_pattern, id_column=id_column, path_column=path_column)
-    # NOTE: views above augment_views stored by an earlier run with a larger
-    # K stay in the feature set; readers get every stored view. Each view
-    # decodes and resizes its image again (3 ms of CPU per medpix-mr PNG, measured).
+    found = collect_image_items(
+        source, id_pattern=id_pattern, id_column=id_column, path_column=path_column, scanner_options=scanner_options
+    )
+    # NOTE: each view decodes and resizes its image again (3 ms of CPU per
+    # medpix-mr PNG, measured).
     items = [
         Item(item.patient_id, item.name, item.content_hash, view, item.payload)
         for item in found.items
@@ -155,39 +172,45 @@ def embed_images(
     store_path = Path(store)
     rejects_path = Path(rejects) if rejects is not None else store_path.with_name(store_path.name + ".rejects-images.csv")
 
+    # The set's identity needs no TensorFlow: the model is built in encode(),
+    # and only when some item is not stored yet.
+    weights_identity = _weights_identity(resolved_weights, random_seed)
+    config = {
+        "weights": weights_identity,
+        "alpha": float(alpha),
+        "image_size": int(image_size),
+        "resize": RESIZE_METHOD,
+        "scaling": SCALING,
+        "colour": COLOUR_RULE,
+        "pooling": "avg",
+        "versions": library_versions(),
+        "augmentation": augment.config(augment_seed),
+        **found.config,  # pixel options of DICOM and NIfTI files, when present
+    }
+    info = {
+        "source": str(source),
+        "source_kind": found.kind,
+        "n_images": len(found.items),
+        "n_skipped_files": found.n_skipped_files,
+        "augment_views": int(augment_views),
+    }
+    if weights_identity["source"] == "file":
+        info["weights_path"] = str(resolved_weights)
+    width = mobilenet_width(alpha)
+
     from PIL import Image
 
     with FeatureStore(store_path, mode="a", wait=wait) as feature_store:
-        model, weights_identity, versions, engine_name, run = _load_encoder(
-            options["weights"], image_size, alpha, random_seed, engine
-        )
-        width = int(model.output_shape[-1])
-        config = {
-            "weights": weights_identity,
-            "alpha": float(alpha),
-            "image_size": int(image_size),
-            "resize": RESIZE_METHOD,
-            "scaling": SCALING,
-            "colour": COLOUR_RULE,
-            "pooling": "avg",
-            "versions": versions,
-            "augmentation": augment.config(augment_seed),
-            **found.config,  # pixel options of DICOM and NIfTI files, when present
-        }
-        info = {
-            "source": str(source),
-            "source_kind": found.kind,
-            "n_images": len(found.items),
-            "n_skipped_files": found.n_skipped_files,
-            "augment_views": int(augment_views),
-            "engine": engine_name,
-        }
-        if weights_identity["source"] == "file":
-            info["weights_path"] = str(options["weights"])
         header = feature_store.ensure_set("image", ENCODER, config, width, info)
 
         def encode(batches: list[list[Item]]):
-            prepare = functools.partial(_prepare_or_reason, image_size=image_size, augment=augment, seed=augment_seed)
+            if not batches:
+                return iter(())
+            engine_name, run = _load_encoder(resolved_weights, weights_identity, image_size, alpha, random_seed, engine, width)
+            header.info["engine"] = engine_name  # written with the first committed batch
+            prepare = functools.partial(
+                _prepare_or_reason, image_size=image_size, augment=augment, seed=augment_seed, load=found.load_pixels
+            )
             return _encode_batches(batches, run, prepare, workers or min(4, os.cpu_count() or 1))
 
         # Pillow warns for images above MAX_IMAGE_PIXELS and raises above twice
@@ -206,12 +229,79 @@ def embed_images(
                 progress_label="embedding images",
                 quiet=quiet,
             )
+        n_extra = _count_images_with_views_above(feature_store, header.name, int(augment_views))
     if found.n_skipped_files:
         report.extra["non-image files skipped"] = found.n_skipped_files
     if augment_views:
         report.extra["images"] = len(found.items)
         report.extra["augmented views per image"] = int(augment_views)
+    if n_extra:
+        # Kept on purpose: they are vectors of this same config. Readers get
+        # every stored view unless they cap the view index.
+        report.extra[f"images with stored views above {int(augment_views)}"] = n_extra
+        logger.info(
+            "%s: %d images have stored views above --augment-views %d from an earlier run. "
+            "They stay in the feature set and readers see them",
+            header.name,
+            n_extra,
+            int(augment_views),
+        )
     return report
+
+
+def _count_images_with_views_above(feature_store: FeatureStore, name: str, max_view: int) -> int:
+    """Count the images of set ``name`` that have a stored view above ``max_view``."""
+    return len({(patient_id, item) for patient_id, item, view in feature_store.item_hashes(name) if view > max_view})
+
+
+def library_versions() -> dict:
+    """Return the TensorFlow, Keras and Pillow versions for the feature set config, without importing TensorFlow.
+
+    The TensorFlow and Keras versions come from the installed distributions'
+    metadata. TensorFlow is imported only when no known distribution name
+    (:data:`TENSORFLOW_DISTRIBUTIONS`) is installed.
+    """
+    import PIL
+
+    return {
+        "tensorflow": _installed_version(TENSORFLOW_DISTRIBUTIONS, "tensorflow"),
+        "keras": _installed_version(("keras",), "keras"),
+        "pillow": PIL.__version__,
+    }
+
+
+def _installed_version(distributions: tuple[str, ...], module: str) -> str:
+    for distribution in distributions:
+        try:
+            return importlib.metadata.version(distribution)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    imported = import_tensorflow() if module == "tensorflow" else __import__(module)
+    return imported.__version__
+
+
+def mobilenet_width(alpha: float) -> int:
+    """Return the width of MobileNetV2's pooled output for ``alpha``, as Keras 3 builds it.
+
+    The last convolution has 1280 filters, or ``1280 * alpha`` rounded to a
+    multiple of 8 (at least 90 % of the exact value) for ``alpha > 1``.
+    """
+    if float(alpha) <= 1.0:
+        return 1280
+    exact = 1280 * float(alpha)
+    rounded = max(8, int(exact + 4) // 8 * 8)
+    if rounded < 0.9 * exact:
+        rounded += 8
+    return rounded
+
+
+def _weights_identity(weights: str | Path, random_seed: int) -> dict:
+    """Identify the weights for the feature set config: file SHA-256, Keras version for ImageNet, or the seed."""
+    if weights == "random":
+        return {"source": "random", "seed": int(random_seed)}
+    if weights == "imagenet":
+        return {"source": "keras-imagenet", "keras_version": _installed_version(("keras",), "keras")}
+    return {"source": "file", "sha256": _file_sha256(Path(weights))}
 
 
 # The last encoder built, so that repeated calls in one process (several
@@ -219,44 +309,63 @@ def embed_images(
 _last_encoder: dict = {}
 
 
-def _load_encoder(weights: str | Path, image_size: int, alpha: float, random_seed: int, engine: str):
-    """Return ``(model, weights_identity, versions, engine_name, run)``, reusing the last one when its inputs match."""
+def _load_encoder(
+    weights: str | Path, identity: dict, image_size: int, alpha: float, random_seed: int, engine: str, width: int
+) -> tuple[str, RunFn]:
+    """Build the model and pick the engine; return ``(engine_name, run)``, reusing the last one when its inputs match."""
     from mmdx.embed.engines import select_image_engine
 
-    weights_key = ("file", _file_sha256(weights)) if isinstance(weights, Path) else (weights, int(random_seed))
-    key = (weights_key, int(image_size), float(alpha), engine)
+    key = (json.dumps(identity, sort_keys=True), int(image_size), float(alpha), engine)
     if _last_encoder.get("key") != key:
         _last_encoder.clear()
-        model, identity, versions = build_mobilenet(weights, image_size, alpha, random_seed)
-        engine_name, run = select_image_engine(model, engine)
-        _last_encoder.update(key=key, value=(model, identity, versions, engine_name, run))
+        model, _, _ = build_mobilenet(weights, image_size, alpha, random_seed)
+        if int(model.output_shape[-1]) != width:
+            raise RuntimeError(f"MobileNetV2 with alpha {alpha} returns width {model.output_shape[-1]}, expected {width}")
+        _last_encoder.update(key=key, value=select_image_engine(model, engine))
     return _last_encoder["value"]
 
 
-def _check_options(weights, image_size: int, alpha: float, batch_size: int, on_error: str) -> dict:
-    """Validate options before any model is loaded; return the resolved weights."""
+def _check_options(
+    weights, image_size: int, alpha: float, batch_size: int, augment_views: int, engine: str, on_error: str
+) -> str | Path:
+    """Validate options before any model is loaded; return the weights as ``"imagenet"``, ``"random"`` or a Path."""
+    from mmdx.embed.engines import ENGINE_CHOICES
+
     if on_error not in ("fail", "skip"):
         raise InputError(f"--on-error must be fail or skip, got {on_error!r}")
+    if engine not in ENGINE_CHOICES:
+        raise InputError(f"--engine must be one of {', '.join(ENGINE_CHOICES)}, got {engine!r}")
     if int(image_size) < MIN_IMAGE_SIZE:
         raise InputError(f"--image-size must be at least {MIN_IMAGE_SIZE} (MobileNetV2's minimum), got {image_size}")
     if int(batch_size) < 1:
         raise InputError(f"--batch-size must be at least 1, got {batch_size}")
-    if not alpha > 0:
-        raise InputError(f"--alpha must be positive, got {alpha}")
+    if int(augment_views) < 0:
+        raise InputError(f"--augment-views must be 0 or more, got {augment_views}")
+    check_alpha(alpha)
+    return resolve_weights(weights)
+
+
+def check_alpha(alpha: float) -> float:
+    """Raise ``InputError`` unless ``alpha`` is one of :data:`MOBILENET_ALPHAS`; return it as a float."""
+    if float(alpha) not in MOBILENET_ALPHAS:
+        raise InputError(
+            f"--alpha {alpha} is not a MobileNetV2 width multiplier with published weights; "
+            f"use one of {', '.join(map(str, MOBILENET_ALPHAS))}"
+        )
+    return float(alpha)
+
+
+def resolve_weights(weights: str | Path) -> str | Path:
+    """Return ``"imagenet"``, ``"random"`` or the Path of an existing weights file; raise ``InputError`` otherwise."""
     if str(weights) in ("imagenet", "random"):
-        if str(weights) == "imagenet" and float(alpha) not in IMAGENET_ALPHAS:
-            raise InputError(
-                f"--alpha {alpha} has no ImageNet weights; use one of {', '.join(map(str, IMAGENET_ALPHAS))}, "
-                "or --weights random / --weights PATH"
-            )
-        return {"weights": str(weights)}
+        return str(weights)
     path = Path(weights)
     if not path.is_file():
         raise InputError(
             f"--weights {str(weights)!r}: file not found; give imagenet, random or the path of a "
             "MobileNetV2 no-top Keras weights file (.weights.h5)"
         )
-    return {"weights": path}
+    return path
 
 
 def build_mobilenet(weights: str | Path, image_size: int, alpha: float, random_seed: int = 0):
@@ -277,9 +386,17 @@ def build_mobilenet(weights: str | Path, image_size: int, alpha: float, random_s
     """
     tf = import_tensorflow()
     import keras
-    import PIL
 
-    versions = {"tensorflow": tf.__version__, "keras": keras.__version__, "pillow": PIL.__version__}
+    versions = library_versions()
+    if (versions["tensorflow"], versions["keras"]) != (tf.__version__, keras.__version__):
+        logger.warning(
+            "package metadata gives TensorFlow %s and Keras %s, but the imported modules are %s and %s; "
+            "the feature set config records the metadata versions",
+            versions["tensorflow"],
+            versions["keras"],
+            tf.__version__,
+            keras.__version__,
+        )
     shape = (int(image_size), int(image_size), 3)
 
     def build(keras_weights):
@@ -297,7 +414,7 @@ def build_mobilenet(weights: str | Path, image_size: int, alpha: float, random_s
         finally:
             random.setstate(python_state)
             np.random.set_state(numpy_state)
-        return model, {"source": "random", "seed": int(random_seed)}, versions
+        return model, _weights_identity("random", random_seed), versions
 
     if weights == "imagenet":
         try:
@@ -307,7 +424,7 @@ def build_mobilenet(weights: str | Path, image_size: int, alpha: float, random_s
                 f"--weights imagenet: could not download the Keras ImageNet weights ({exc}); "
                 "pass --weights PATH to a local MobileNetV2 no-top weights file (.weights.h5) instead"
             ) from exc
-        return model, {"source": "keras-imagenet", "keras_version": keras.__version__}, versions
+        return model, _weights_identity("imagenet", random_seed), versions
 
     path = Path(weights)
     # Keras warns once per layer it cannot match before it raises; those
@@ -325,7 +442,7 @@ def build_mobilenet(weights: str | Path, image_size: int, alpha: float, random_s
             ) from exc
     for record in caught:
         warnings.warn_explicit(record.message, record.category, record.filename, record.lineno)
-    return model, {"source": "file", "sha256": _file_sha256(path)}, versions
+    return model, _weights_identity(path, random_seed), versions
 
 
 def _file_sha256(path: Path) -> str:
@@ -374,11 +491,16 @@ def import_tensorflow():
     return tensorflow
 
 
-def prepare_image(item: Item, image_size: int) -> np.ndarray:
-    """Load, colour-convert and resize one item to ``image_size x image_size x 3`` uint8 RGB."""
+def prepare_image(item: Item, image_size: int, load: Callable[[Item], np.ndarray] = load_pixels) -> np.ndarray:
+    """Load, colour-convert and resize one item to ``image_size x image_size x 3`` uint8 RGB.
+
+    ``load`` returns the item's pixels; pass :meth:`ImageSource.load_pixels
+    <mmdx.embed.image_sources.ImageSource.load_pixels>` for items of a source
+    collected with scanner options.
+    """
     from PIL import Image
 
-    rgb = to_rgb_uint8(load_pixels(item))
+    rgb = to_rgb_uint8(load(item))
     image = Image.fromarray(rgb, mode="RGB")
     if image.size != (image_size, image_size):
         image = image.resize((image_size, image_size), Image.Resampling.BILINEAR)
@@ -392,10 +514,12 @@ def preprocess_batch(batch: np.ndarray) -> np.ndarray:
     return np.asarray(preprocess_input(np.asarray(batch, dtype=np.float32)), dtype=np.float32)
 
 
-def _prepare_or_reason(item: Item, *, image_size: int, augment: AugmentSettings, seed: int) -> np.ndarray | str:
+def _prepare_or_reason(
+    item: Item, *, image_size: int, augment: AugmentSettings, seed: int, load: Callable[[Item], np.ndarray]
+) -> np.ndarray | str:
     """Return the network input of one item (augmented for views 1..K), or the reason it failed."""
     try:
-        image = prepare_image(item, image_size)
+        image = prepare_image(item, image_size, load)
     except (ValueError, OSError) as exc:
         return str(exc)
     if item.view == 0:
