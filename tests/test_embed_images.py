@@ -518,6 +518,38 @@ BAD_OPTIONS = [
 ]
 
 
+BAD_ARGUMENTS = [
+    ({"image_size": 0}, "--image-size"),
+    ({"batch_size": 0}, "--batch-size"),
+    ({"alpha": 0.3}, "--alpha"),
+    ({"augment_views": -1}, "--augment-views"),
+    ({"engine": "tflite"}, "--engine"),
+    ({"on_error": "ignore"}, "--on-error"),
+    ({"id_pattern": "("}, "--id-pattern"),
+    ({"id_pattern": r"^\w+"}, "--id-pattern"),
+    ({"weights": "/nonexistent"}, "--weights"),
+]
+
+
+@pytest.mark.parametrize("arguments, option", BAD_ARGUMENTS, ids=[next(iter(a)) + "=" + str(next(iter(a.values()))) for a, _ in BAD_ARGUMENTS])
+def test_bad_argument_raises_before_store(class_folder, tmp_path, arguments, option):
+    store = tmp_path / "s.h5"
+
+    with pytest.raises(InputError) as raised:
+        embed_images(class_folder, store, **{**TINY, **arguments})
+
+    assert str(raised.value).startswith(option)
+    assert "\n" not in str(raised.value)
+    assert not store.exists()
+
+
+def test_bad_augment_setting_raises_input_error():
+    from mmdx.embed.augment import AugmentSettings
+
+    with pytest.raises(InputError, match="^--rotation must be between 0 and 180 degrees, got -5"):
+        AugmentSettings(rotation=-5)
+
+
 @pytest.mark.parametrize("args, option", BAD_OPTIONS, ids=[" ".join(args) for args, _ in BAD_OPTIONS])
 def test_cli_bad_option_one_error_line(class_folder, tmp_path, args, option):
     store = tmp_path / "s.h5"
