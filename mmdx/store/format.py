@@ -221,6 +221,10 @@ def _open_h5(path: Path, mode: str = "r") -> h5py.File:
     except FileNotFoundError:
         raise
     except OSError as exc:
+        if not path.exists():
+            # HDF5 reports a file deleted during its open (a shard folded by a
+            # compaction) as a generic OSError; readers retry on FileNotFoundError.
+            raise FileNotFoundError(path) from exc
         raise StoreError(
             f"{path}: not a readable HDF5 file ({exc}); "
             "check the path, or restore the store from a copy"
