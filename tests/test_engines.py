@@ -172,3 +172,13 @@ def test_onnx_runner_rejects_zero_threads(converted):
     model_bytes = next((converted[0] / "onnx").iterdir()).read_bytes()
     with pytest.raises(InputError, match="threads must be at least 1, got 0"):
         engines.onnx_runner(model_bytes, threads=0)
+
+
+def test_onnx_large_batch_split_in_parts(converted, keras_run):
+    model_bytes = next((converted[0] / "onnx").iterdir()).read_bytes()
+    large = np.random.default_rng(2).uniform(-1.0, 1.0, (engines.MAX_PART_SIZE * 2 + 3, IMAGE_SIZE, IMAGE_SIZE, 3))
+    large = large.astype(np.float32)
+    for threads in (1, 2):
+        got = engines.onnx_runner(model_bytes, threads=threads)(large)
+        assert got.shape == (len(large), 1280)
+        assert np.max(np.abs(got - keras_run(large))) < 1e-4

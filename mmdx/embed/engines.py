@@ -43,6 +43,7 @@ __all__ = [
     "default_cache_dir",
     "keras_runner",
     "map_in_threads",
+    "onnx_model_bytes",
     "onnx_model_path",
     "onnx_runner",
     "select_image_engine",
@@ -60,6 +61,10 @@ ONNX_OPSET = 17
 # Bump when the conversion changes in a way the library versions do not show.
 CONVERSION_VERSION = 1
 PROBE_BATCH = 2
+# ONNX Runtime calls take at most this many images. On 2 cores, MobileNetV2
+# at 128 px cost 2.7 CPU ms per image in calls of 16, 3.0 in calls of 32 and
+# 3.7 in calls of 64 (benchmarks/bench_image_engines.py).
+MAX_PART_SIZE = 16
 
 BatchRunner = Callable[[np.ndarray], np.ndarray]
 Batch = TypeVar("Batch")
@@ -147,12 +152,13 @@ def keras_runner(keras_model: Any) -> BatchRunner:
 def onnx_runner(model: str | Path | bytes, *, threads: int | None = None) -> BatchRunner:
     """Return a batch function that runs an ONNX model (file path or serialized bytes) in ONNX Runtime.
 
-    Each batch is split into ``threads`` parts (default: the CPUs this
-    process may use) that run at the same time on one session, each part on
-    one ONNX Runtime thread. On MobileNetV2 at 128 px with 2 cores this was
-    about 15% faster than one run on two intra-op threads, whose late layers
-    work on 4x4 maps too small to share well. All graph optimizations are on
-    because they made ONNX Runtime 2.5 times faster than basic ones alone.
+    Each batch is split into at least ``threads`` parts (default: the CPUs
+    this process may use) of at most :data:`MAX_PART_SIZE` images, which run
+    ``threads`` at a time on one session, each part on one ONNX Runtime
+    thread. On MobileNetV2 at 128 px with 2 cores this was about 15% faster
+    than one run on two intra-op threads, whose late layers work on 4x4 maps
+    too small to share well. All graph optimizations are on because they
+    made ONNX Runtime 2.5 times faster than basic ones alone.
     """
     try:
         import onnxruntime as ort
@@ -178,17 +184,19 @@ def onnx_runner(model: str | Path | bytes, *, threads: int | None = None) -> Bat
     input_name = session.get_inputs()[0].name
 
     def run_part(part: np.ndarray) -> np.ndarray:
-        return session.run(None, {input_name: part})[0].astype(np.float32, copy=False)
+        return session.run(None, {input_name: np.ascontiguousarray(part)})[0].astype(np.float32, copy=False)
 
     pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="mmdx-onnx") if threads > 1 else None
 
     def run(batch: np.ndarray) -> np.ndarray:
         batch = np.ascontiguousarray(batch, dtype=np.float32)
-        parts = min(threads, len(batch))
-        if pool is None or parts < 2:
+        parts = max(min(threads, len(batch)), -(-len(batch) // MAX_PART_SIZE))
+        if parts < 2:
             return run_part(batch)
+        pieces = np.array_split(batch, parts)
+        if pool is None:
+            return np.concatenate([run_part(piece) for piece in pieces])
         # InferenceSession.run is thread-safe and releases the GIL.
-        pieces = [np.ascontiguousarray(piece) for piece in np.array_split(batch, parts)]
         return np.concatenate(list(pool.map(run_part, pieces)))
 
     return run
@@ -218,6 +226,18 @@ def onnx_model_path(keras_model: Any, cache_dir: str | Path | None = None) -> Pa
     """
     folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     return folder / "onnx" / f"{keras_model.name}-{_model_key(keras_model)[:24]}.onnx"
+
+
+def onnx_model_bytes(keras_model: Any, cache_dir: str | Path | None = None) -> bytes:
+    """Return ``keras_model`` as a serialized ONNX model, converted and checked on first use, then cached.
+
+    Raises
+    ------
+    EngineUnavailable
+        When tf2onnx or onnx is missing, or the conversion fails or does not
+        match Keras within :data:`ONNX_TOLERANCE`.
+    """
+    return _load_or_convert(keras_model, cache_dir)
 
 
 def _load_or_convert(keras_model: Any, cache_dir: str | Path | None) -> bytes:

@@ -1,0 +1,157 @@
+"""Inference-only comparison of the ways to run MobileNetV2 (128 px, alpha 1.0) on the CPU.
+
+No decoding: every variant runs the same random batches in [-1, 1]. Keras
+variants: ``model.predict``, ``predict_on_batch``, an eager call with
+``training=False`` and a ``tf.function`` with an open batch dimension, under
+TensorFlow's default threads and under one intra-op and one inter-op thread.
+ONNX Runtime variants: basic against all graph optimizations, one or two
+intra-op threads, and mmdx's split of each batch into one part per core
+(:func:`mmdx.embed.engines.onnx_runner`), at batch sizes 16, 32 and 64.
+Each thread setting of TensorFlow needs its own process. Within a process,
+the variants are interleaved over the repeats and the median is reported,
+with each variant's largest absolute difference from ``predict_on_batch``.
+
+Usage::
+
+    python benchmarks/bench_image_engines.py --images 256 --repeats 3 --record
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import benchlib  # noqa: E402
+
+IMAGE_SIZE = 128
+
+
+def build_model():
+    from keras.applications import mobilenet_v2
+
+    return mobilenet_v2.MobileNetV2(
+        input_shape=(IMAGE_SIZE, IMAGE_SIZE, 3), include_top=False, pooling="avg", weights=str(benchlib.MOBILENET_WEIGHTS)
+    )
+
+
+def time_variants(variants: dict, data: np.ndarray, batch_sizes: list[int], repeats: int, reference: np.ndarray) -> list[dict]:
+    """Run every (variant, batch size) ``repeats`` times, interleaved; return median images/s, CPU ms/image and max difference."""
+    results = {}
+    for _ in range(repeats):
+        for name, run in variants.items():
+            for batch_size in batch_sizes:
+                run(data[:batch_size])  # warm-up: tracing, session first run
+                started, cpu_started = time.perf_counter(), time.process_time()
+                outputs = [run(data[i : i + batch_size]) for i in range(0, len(data), batch_size)]
+                seconds, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+                entry = results.setdefault((name, batch_size), {"rates": [], "cpu": [], "diff": 0.0})
+                entry["rates"].append(len(data) / seconds)
+                entry["cpu"].append(cpu / len(data) * 1000)
+                entry["diff"] = max(entry["diff"], float(np.max(np.abs(np.concatenate(outputs) - reference))))
+    return [
+        {
+            "variant": name,
+            "batch": batch_size,
+            "rate": benchlib.median(entry["rates"]),
+            "cpu_ms": benchlib.median(entry["cpu"]),
+            "diff": entry["diff"],
+        }
+        for (name, batch_size), entry in results.items()
+    ]
+
+
+def child(kind: str, n_images: int, repeats: int) -> list[dict]:
+    import tensorflow as tf
+
+    if kind == "keras-1-thread":
+        tf.config.threading.set_intra_op_parallelism_threads(1)
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+    model = build_model()
+    data = np.random.default_rng(0).uniform(-1.0, 1.0, (n_images, IMAGE_SIZE, IMAGE_SIZE, 3)).astype(np.float32)
+    reference = np.concatenate([model.predict_on_batch(data[i : i + 32]) for i in range(0, n_images, 32)])
+
+    if kind.startswith("keras"):
+        from mmdx.embed.engines import keras_runner
+
+        suffix = " (1 intra, 1 inter thread)" if kind == "keras-1-thread" else ""
+        variants = {
+            f"keras predict{suffix}": lambda batch: model.predict(batch, verbose=0, batch_size=len(batch)),
+            f"keras predict_on_batch{suffix}": model.predict_on_batch,
+            f"keras call training=False{suffix}": lambda batch: model(batch, training=False).numpy(),
+            f"keras tf.function{suffix}": keras_runner(model),
+        }
+        return time_variants(variants, data, [32], repeats, reference)
+
+    import onnxruntime as ort
+
+    from mmdx.embed.engines import available_cpus, onnx_model_bytes, onnx_runner
+
+    model_bytes = onnx_model_bytes(model)
+
+    def session_runner(level, threads: int):
+        options = ort.SessionOptions()
+        options.graph_optimization_level = level
+        options.inter_op_num_threads = 1
+        options.intra_op_num_threads = threads
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        session = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+        return lambda batch: session.run(None, {name: batch})[0]
+
+    basic, full = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    variants = {
+        "onnx basic optimizations, 2 threads": session_runner(basic, 2),
+        "onnx all optimizations, 1 thread": session_runner(full, 1),
+        "onnx all optimizations, 2 intra-op threads": session_runner(full, 2),
+        f"onnx all optimizations, batch split in {available_cpus()} (mmdx)": onnx_runner(model_bytes),
+    }
+    return time_variants(variants, data, [16, 32, 64], repeats, reference)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=256, help="random images per timed pass")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--record", action="store_true", help="write the section of docs/benchmarks.md")
+    args = parser.parse_args()
+
+    header = benchlib.header_lines()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="mmdx-bench-engines-") as temporary:
+        env = {"MMDX_CACHE": temporary}
+        for kind in ("keras", "keras-1-thread", "onnx"):
+            run = benchlib.run_child([sys.executable, __file__, "child", kind, str(args.images), str(args.repeats)], env=env)
+            for entry in run.result["rows"]:
+                print(
+                    f"{entry['variant']:55s} batch {entry['batch']:3d} {entry['rate']:7.1f} images/s "
+                    f"{entry['cpu_ms']:5.2f} CPU ms/image, max diff {entry['diff']:.1e}",
+                    flush=True,
+                )
+                rows.append(
+                    [entry["variant"], entry["batch"], f"{entry['rate']:.1f}", f"{entry['cpu_ms']:.2f}", f"{entry['diff']:.1e}"]
+                )
+
+    table = benchlib.markdown_table(["variant", "batch", "images/s", "CPU ms/image", "max abs diff vs predict_on_batch"], rows)
+    body = (
+        f"{header}\n"
+        f"Inference only, {args.images} random images per pass, median of {args.repeats} interleaved passes.\n\n{table}\n"
+    )
+    print()
+    print(table)
+    if args.record:
+        benchlib.record_section("Image engines, inference only", body)
+        print(f"recorded in {benchlib.RESULTS_PAGE}")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "child":
+        benchlib.child_report({"rows": child(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))})
+    else:
+        main()
