@@ -74,6 +74,19 @@ METRIC_LABELS = {
     is_flag=True,
     help="Also train on augmented image views of the training patients; test on plain views only.",
 )
+@click.option(
+    "--views",
+    type=click.IntRange(min=1),
+    default=None,
+    help="With --augmented: train on augmented views 1..VIEWS only  [default: every stored view].",
+)
+@click.option(
+    "--duplicates",
+    type=click.Choice(["group", "ignore"]),
+    default="group",
+    show_default=True,
+    help="group: patients with byte-identical images share a fold; ignore: split them freely (warns).",
+)
 @head_options(multiple_fusions=False)
 @click.option(
     "--allow-leak",
@@ -109,6 +122,9 @@ def train_head(labels_path, quiet, **options) -> None:
     click.echo(f"patients: {report['n_patients']} ({report['n_positive']} positive)")
     if dropped:
         click.echo("dropped: " + ", ".join(f"{count} {reason}" for reason, count in dropped.items()))
+    if report["duplicate_groups"]:
+        how = "kept in one fold each" if report["duplicates"] == "group" else "NOT grouped (--duplicates ignore)"
+        click.echo(f"duplicate images: {report['duplicate_groups']} patient group(s), {how}")
     if report["leaked"]:
         click.echo("WARNING: leaked (--allow-leak): " + "; ".join(report["leak_findings"]))
     click.echo(format_table([report]))

@@ -105,11 +105,12 @@ def restricted_folds(data: PatientData, n_folds: int, seed: int) -> list[tuple[n
     """Return ``(train_index, test_index)`` per fold, as positions in ``data.patient_ids``.
 
     The folds split every labelled patient (``data.labels``); each fold then
-    keeps the patients present in ``data``.
+    keeps the patients present in ``data``. Patients of one group in
+    ``data.fold_groups`` share a fold.
     """
     folds = []
     present = set(data.patient_ids.tolist())
-    for k, (train_ids, test_ids) in enumerate(patient_folds(data.labels, n_folds, seed)):
+    for k, (train_ids, test_ids) in enumerate(patient_folds(data.labels, n_folds, seed, data.fold_groups)):
         train = data.index_of([patient_id for patient_id in train_ids if patient_id in present])
         test = data.index_of([patient_id for patient_id in test_ids if patient_id in present])
         if len(test) == 0 or len(train) == 0:

@@ -17,6 +17,7 @@ import numpy as np
 
 from mmdx.errors import InputError, StoreError
 from mmdx.store.api import FeatureStore
+from mmdx.train.folds import duplicate_groups
 from mmdx.train.labels import DROP_NO_LABEL, DROP_UNRECOGNIZED, LabelTable
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "aggregate_rows",
     "choose_sets",
     "load_patient_data",
+    "store_duplicate_groups",
 ]
 
 logger = logging.getLogger(__name__)
@@ -93,6 +95,11 @@ class PatientData:
     dropped
         Reason to the sorted IDs of the patients left out for it (a patient
         may be listed under several reasons).
+    augmented_views
+        With ``augmented``: the highest augmented view used (views 1 to it).
+    fold_groups
+        Labelled patients that must share a fold (duplicate images); empty
+        for a plain stratified split.
     """
 
     modality: str
@@ -107,6 +114,8 @@ class PatientData:
     augmented_index: np.ndarray | None = None
     augmented_x: dict[str, np.ndarray] | None = None
     dropped: dict[str, list[str]] = field(default_factory=dict)
+    augmented_views: int | None = None
+    fold_groups: list[list[str]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.patient_ids)
@@ -260,6 +269,7 @@ def load_patient_data(
     text_set: str | None = None,
     aggregate: str = "mean",
     augmented: bool = False,
+    views: int | None = None,
 ) -> PatientData:
     """Read the chosen feature sets and join them with the labels per patient.
 
@@ -278,6 +288,9 @@ def load_patient_data(
         ``"mean"`` or ``"max"`` over a patient's vectors of one view.
     augmented
         Also load the augmented image views (``views > 0``) for training.
+    views
+        With ``augmented``: use only augmented views 1 to ``views``; None
+        uses every stored view.
 
     Returns
     -------
@@ -288,6 +301,10 @@ def load_patient_data(
         raise InputError(f"--aggregate must be one of {', '.join(AGGREGATES)}, got {aggregate!r}")
     if augmented and modality == "text":
         raise InputError("--augmented uses augmented image views; use it with --modality image or hybrid")
+    if views is not None and not augmented:
+        raise InputError(f"--views {views} selects augmented views; add --augmented or drop --views")
+    if views is not None and views < 1:
+        raise InputError(f"--views must be at least 1, got {views}")
     if not isinstance(labels, LabelTable):
         labels = LabelTable(dict(labels), {}, {}, None, "")
 
@@ -351,7 +368,7 @@ def load_patient_data(
         dropped={reason: sorted(ids) for reason, ids in dropped.items()},
     )
     if augmented:
-        _attach_augmented(data, augmented_rows, aggregate, store_path)
+        _attach_augmented(data, augmented_rows, aggregate, store_path, views)
     return data
 
 
@@ -361,9 +378,18 @@ def _select(ids: np.ndarray, matrix: np.ndarray, wanted: np.ndarray) -> np.ndarr
     return np.ascontiguousarray(matrix[positions])
 
 
-def _attach_augmented(data: PatientData, rows, aggregate: str, store_path) -> None:
-    """Aggregate augmented image views per (patient, view) for the kept patients."""
+def _attach_augmented(data: PatientData, rows, aggregate: str, store_path, max_view: int | None) -> None:
+    """Aggregate augmented image views 1..``max_view`` per (patient, view) for the kept patients."""
     patient_ids, views, vectors = rows
+    stored = int(views.max()) if len(views) else 0
+    if max_view is not None and stored and max_view > stored:
+        raise InputError(
+            f"{store_path}: --views {max_view} asks for more augmented views than the image set "
+            f"{data.sets['image'].names[0]} holds ({stored}); lower --views or embed with --augment-views {max_view}"
+        )
+    if max_view is not None:
+        chosen = views <= max_view
+        patient_ids, views, vectors = patient_ids[chosen], views[chosen], vectors[chosen]
     position = {patient_id: i for i, patient_id in enumerate(data.patient_ids.tolist())}
     index = np.asarray([position.get(patient_id, -1) for patient_id in patient_ids.tolist()], dtype=np.int64)
     keep = index >= 0
@@ -376,3 +402,23 @@ def _attach_augmented(data: PatientData, rows, aggregate: str, store_path) -> No
     keys, matrix = aggregate_rows(index * (int(views.max()) + 1) + views, vectors, aggregate)
     data.augmented_index = keys // (int(views.max()) + 1)
     data.augmented_x = {"image": matrix}
+    data.augmented_views = int(views.max())
+
+
+def store_duplicate_groups(store_path: str | Path, patients, image_set: str | None = None) -> list[list[str]]:
+    """Return the groups of ``patients`` whose plain images share a content hash in the store.
+
+    The hashes come from ``image_set`` if given, else from every image set of
+    the store, so that image, text and hybrid runs of one store get the same
+    groups. A store without image sets gives no groups.
+    """
+    store = FeatureStore(store_path)
+    names = [image_set] if image_set is not None else [i.name for i in store.list_sets() if i.modality == "image"]
+    patient_ids: list[str] = []
+    hashes: list[str] = []
+    for name in names:
+        for (patient_id, _item, view), digest in store.item_hashes(name).items():
+            if view == 0:
+                patient_ids.append(patient_id)
+                hashes.append(digest)
+    return duplicate_groups(patient_ids, hashes, keep=patients)

@@ -14,7 +14,7 @@ from mmdx import __version__
 from mmdx.atomic import atomic_dir
 from mmdx.errors import InputError
 from mmdx.train.cv import METRIC_NAMES, THRESHOLD, CVResult, cross_validate, restricted_folds
-from mmdx.train.data import AGGREGATES, MODALITIES, PatientData, load_patient_data
+from mmdx.train.data import AGGREGATES, MODALITIES, PatientData, load_patient_data, store_duplicate_groups
 from mmdx.train.fusion import (
     FUSIONS,
     MASK_KEY,
@@ -31,6 +31,8 @@ from mmdx.train.leak import check_leaks
 __all__ = ["TrainHeadResult", "train_head", "write_outputs"]
 
 logger = logging.getLogger(__name__)
+
+DUPLICATES = ("group", "ignore")
 
 
 @dataclass
@@ -67,6 +69,8 @@ def train_head(
     text_set: str | None = None,
     aggregate: str = "mean",
     augmented: bool = False,
+    views: int | None = None,
+    duplicates: str = "group",
     standardize: bool | None = False,
     allow_leak: bool = False,
     fusion: str = "concat",
@@ -104,6 +108,13 @@ def train_head(
         ``"mean"`` or ``"max"`` of a patient's vectors.
     augmented
         Also train on the augmented image views of the training patients.
+    views
+        With ``augmented``: train on augmented views 1 to ``views`` only;
+        None uses every stored view.
+    duplicates
+        ``"group"`` keeps patients whose images are byte-identical (same
+        content hash in the store's image set) in one fold; ``"ignore"``
+        splits them freely and logs a warning with the number of groups.
     standardize
         Standardise inputs with the training part's mean and std (per fold).
     allow_leak
@@ -158,6 +169,8 @@ def train_head(
         "text_set": text_set,
         "aggregate": aggregate,
         "augmented": augmented,
+        "views": views,
+        "duplicates": duplicates,
         "standardize": standardize,
         "allow_leak": allow_leak,
         "fusion": fusion,
@@ -178,7 +191,14 @@ def train_head(
     if keep_missing and modality == "hybrid":
         data = load_patient_data_keep_missing(store, label_table, image_set, text_set, aggregate)
     else:
-        data = load_patient_data(store, label_table, modality, image_set, text_set, aggregate, augmented)
+        data = load_patient_data(store, label_table, modality, image_set, text_set, aggregate, augmented, views)
+    groups = store_duplicate_groups(store, list(data.labels), image_set)
+    if groups and duplicates == "ignore":
+        logger.warning(
+            "%d group(s) of patients share identical images; --duplicates ignore may split them "
+            "across training and test", len(groups),
+        )
+    data.fold_groups = groups if duplicates == "group" else []
     for reason, count in data.dropped_counts().items():
         if count:
             logger.info("dropped %d patient(s): %s", count, reason)
@@ -189,7 +209,7 @@ def train_head(
     n_jobs = jobs if jobs > 0 else len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     cv = cross_validate(data, head_factory, folds, seed, repeats, on_fold_done=on_fold_done, n_jobs=n_jobs or 1)
 
-    report = _report(config, data, cv, leaks.leaked, leaks.findings)
+    report = _report(config, data, cv, leaks.leaked, leaks.findings, len(groups))
     result = TrainHeadResult(report, config, cv, data)
     if out is not None:
         write_outputs(result, out)
@@ -211,6 +231,12 @@ def _check_options(config: dict) -> None:
         raise InputError("--augmented uses augmented image views; use it with --modality image or hybrid")
     if config["augmented"] and config["keep_missing"]:
         raise InputError("--keep-missing cannot be combined with --augmented; drop one of them")
+    if config["duplicates"] not in DUPLICATES:
+        raise InputError(f"--duplicates must be one of {', '.join(DUPLICATES)}, got {config['duplicates']!r}")
+    if config["views"] is not None and not config["augmented"]:
+        raise InputError(f"--views {config['views']} selects augmented views; add --augmented or drop --views")
+    if config["views"] is not None and config["views"] < 1:
+        raise InputError(f"--views must be at least 1, got {config['views']}")
     if config["fusion"] not in FUSIONS:
         raise InputError(f"--fusion must be one of {', '.join(FUSIONS)}, got {config['fusion']!r}")
 
@@ -228,7 +254,9 @@ def _fusion_options(config: dict) -> FusionOptions:
         raise InputError(f"invalid head option: {exc}") from exc
 
 
-def _report(config: dict, data: PatientData, cv: CVResult, leaked: bool, findings: list[str]) -> dict:
+def _report(
+    config: dict, data: PatientData, cv: CVResult, leaked: bool, findings: list[str], n_duplicate_groups: int = 0
+) -> dict:
     """Build the content of ``metrics.json``."""
     per_fold = {name: [fold[name] for fold in cv.fold_metrics] for name in METRIC_NAMES}
     return {
@@ -246,6 +274,9 @@ def _report(config: dict, data: PatientData, cv: CVResult, leaked: bool, finding
         "sets": {name: choice.to_json() for name, choice in data.sets.items()},
         "aggregate": data.aggregate,
         "augmented": config["augmented"],
+        "augmented_views": data.augmented_views,
+        "duplicates": config["duplicates"],
+        "duplicate_groups": n_duplicate_groups,
         "standardize": config["standardize"],
         "head": config["head"],
         "fusion": config["fusion"],
