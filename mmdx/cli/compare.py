@@ -9,6 +9,7 @@ from __future__ import annotations
 import click
 
 from mmdx.cli import report_errors
+from mmdx.cli.options import label_options
 
 FUSION_CHOICES = ("concat", "late", "gated", "attention")
 
@@ -62,11 +63,8 @@ def head_options(multiple_fusions: bool):
 
 @click.command("compare")
 @click.option("--store", required=True, type=click.Path(dir_okay=False), help="Feature store (HDF5) to read vectors from.")
-@click.option("--labels", "labels_path", required=True, type=click.Path(dir_okay=False), help="Labels CSV with a header row.")
+@label_options
 @click.option("--id-column", default="patient_id", show_default=True, help="Column of the labels CSV with patient IDs.")
-@click.option("--label-column", required=True, help="Column of the labels CSV with the labels.")
-@click.option("--positive", default=None, help="Label value that means 1 (every other value means 0); without it the labels must be 0/1.")
-@click.option("--negative", multiple=True, help="With --positive: a label value that means 0 (repeatable); patients with other values are dropped.")
 @click.option("--folds", type=click.IntRange(min=2), default=5, show_default=True, help="Number of patient-level folds.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the folds, weights and batch order.")
 @click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True, help="Repeat the cross-validation; repeat r splits with seed + r.")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from mmdx.cli import report_errors
+from mmdx.cli.options import label_options
 from mmdx.cli.embed_texts import DEFAULT_TEXT_MODEL, text_source_options
 
 
@@ -19,18 +20,7 @@ def parse_trainable_layers(value: str) -> int | None:
 
 @click.command("finetune-text")
 @click.argument("source", type=click.Path(dir_okay=False))
-@click.option("--labels", "labels_path", required=True, type=click.Path(dir_okay=False), help="Labels CSV with a header row.")
-@click.option("--label-column", required=True, help="Column of the labels CSV with the labels.")
-@click.option(
-    "--positive",
-    default=None,
-    help="Label value that means 1 (every other value means 0); without it the labels must be 0/1.",
-)
-@click.option(
-    "--negative",
-    multiple=True,
-    help="With --positive: a label value that means 0 (repeatable); patients with other values are dropped.",
-)
+@label_options
 @click.option(
     "--labels-id-column", default=None, help="Column of the labels CSV with patient IDs. [default: the --id-column value]"
 )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from mmdx.cli import report_errors
+from mmdx.cli.options import label_options
 from mmdx.cli.compare import head_options
 
 METRIC_LABELS = {
@@ -19,19 +20,8 @@ METRIC_LABELS = {
 
 @click.command("train-head")
 @click.option("--store", required=True, type=click.Path(dir_okay=False), help="Feature store (HDF5) to read vectors from.")
-@click.option("--labels", "labels_path", required=True, type=click.Path(dir_okay=False), help="Labels CSV with a header row.")
+@label_options
 @click.option("--id-column", default="patient_id", show_default=True, help="Column of the labels CSV with patient IDs.")
-@click.option("--label-column", required=True, help="Column of the labels CSV with the labels.")
-@click.option(
-    "--positive",
-    default=None,
-    help="Label value that means 1 (every other value means 0); without it the labels must be 0/1.",
-)
-@click.option(
-    "--negative",
-    multiple=True,
-    help="With --positive: a label value that means 0 (repeatable); patients with other values are dropped.",
-)
 @click.option(
     "--modality",
     type=click.Choice(["image", "text", "hybrid"]),
