@@ -208,6 +208,22 @@ def test_changed_text_embedded_again(tmp_path, tiny_bert):
     changed[1]["findings"] = "Mass."
     report = embed(write_reports(tmp_path / "changed.csv", changed), tmp_path / "s.h5", tiny_bert)
     assert (report.n_embedded, report.n_already_stored) == (1, 3)
+    assert report.n_changed == 1
+    assert "1 embedded (1 of them replace a changed stored item)" in report.summary()
+
+
+def test_many_changed_texts_warn_with_patients(tmp_path, tiny_bert, caplog):
+    source = write_reports(tmp_path / "reports.csv", REPORTS)
+    embed(source, tmp_path / "s.h5", tiny_bert)
+    changed = [dict(row, findings=row["findings"] + " Mass.") for row in REPORTS]
+    with caplog.at_level("WARNING", logger="mmdx.embed.runner"):
+        report = embed(write_reports(tmp_path / "changed.csv", changed), tmp_path / "s.h5", tiny_bert)
+    assert report.n_changed == 4
+    (record,) = [r for r in caplog.records if "changed" in r.getMessage()]
+    message = record.getMessage()
+    assert "4 stored items changed" in message
+    assert "007, Zoë, a/b, p4" in message
+    assert "check --encoding and --text-column" in message
 
 
 @pytest.mark.parametrize("suffix", [".csv", ".tsv", ".jsonl"])
@@ -225,7 +241,7 @@ def test_formats_give_same_vectors(tmp_path, tiny_bert, suffix):
 def test_empty_text_fails_before_model_load(tmp_path):
     rows = [{"patient_id": "p1", "history": "N/A", "findings": " "}, {"patient_id": "p2", "history": "x", "findings": ""}]
     source = write_reports(tmp_path / "reports.csv", rows)
-    with pytest.raises(InputError, match=r"data row 1, patient 'p1': empty text"):
+    with pytest.raises(InputError, match=r"line 2, patient 'p1': empty text"):
         embed(source, tmp_path / "s.h5", tmp_path / "no-such-model", on_error="fail")
 
 
@@ -233,11 +249,22 @@ def test_empty_text_skipped_into_rejects(tmp_path, tiny_bert):
     rows = [{"patient_id": "p1", "history": "N/A", "findings": " "}, {"patient_id": "p2", "history": "x", "findings": ""}]
     source = write_reports(tmp_path / "reports.csv", rows)
     report = embed(source, tmp_path / "s.h5", tiny_bert, on_error="skip", rejects=tmp_path / "rejects.csv")
-    assert (report.n_embedded, report.n_failed) == (1, 1)
+    assert (report.n_items, report.n_embedded, report.n_failed, report.n_skipped) == (2, 1, 0, {"empty text": 1})
+    assert "2 items, 1 embedded, 0 already stored, 1 skipped (empty text), 0 failed" in report.summary()
     with open(tmp_path / "rejects.csv", encoding="utf-8") as handle:
         rejected = list(csv.DictReader(handle))
     assert [(row["patient_id"], row["item"]) for row in rejected] == [("p1", "text 1")]
-    assert "empty text" in rejected[0]["reason"]
+    assert "empty text at line 2" in rejected[0]["reason"]
+
+
+def test_rejects_default_beside_store_only_when_needed(tmp_path, tiny_bert):
+    store = tmp_path / "s.h5"
+    embed(write_reports(tmp_path / "full.csv", REPORTS), store, tiny_bert)
+    assert not (tmp_path / "s.h5.rejects-texts.csv").exists()
+    rows = [{"patient_id": "p9", "history": "", "findings": "N/A"}] + REPORTS
+    report = embed(write_reports(tmp_path / "reports.csv", rows), store, tiny_bert)
+    assert report.rejects_path == str(tmp_path / "s.h5.rejects-texts.csv")
+    assert "p9" in (tmp_path / "s.h5.rejects-texts.csv").read_text(encoding="utf-8")
 
 
 def test_identical_duplicate_counted(tmp_path, tiny_bert):
@@ -293,6 +320,36 @@ def test_cli_embeds_and_reports(tmp_path, tiny_bert):
     assert result.exit_code == 0, result.output
     assert "4 items, 4 embedded" in result.output
     assert "truncated texts: 3 at 12 tokens" in result.output
+
+
+@pytest.mark.parametrize("command", [["embed", "texts"], ["embed", "images"], ["finetune-text"]])
+def test_cli_quiet_has_short_alias_and_rejects_default_shown(command):
+    result = CliRunner().invoke(main, [*command, "--help"], terminal_width=200)
+    assert result.exit_code == 0
+    assert "-q, --quiet" in result.output
+    if command == ["embed", "texts"]:
+        assert "<store>.rejects-texts.csv" in result.output
+
+
+def test_quiet_hides_transformers_bars_and_restores(tmp_path, tiny_bert, monkeypatch):
+    from transformers.utils import logging as transformers_logging
+
+    import mmdx.embed.texts as texts_module
+
+    seen = []
+    real_load = texts_module.load_text_encoder
+
+    def spy(*args, **kwargs):
+        seen.append(transformers_logging.is_progress_bar_enabled())
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(texts_module, "load_text_encoder", spy)
+    transformers_logging.enable_progress_bar()
+    source = write_reports(tmp_path / "reports.csv", REPORTS)
+    embed(source, tmp_path / "q.h5", tiny_bert, quiet=True)
+    embed(source, tmp_path / "v.h5", tiny_bert, quiet=False)
+    assert seen == [False, True]
+    assert transformers_logging.is_progress_bar_enabled()
 
 
 def test_cli_missing_column_exits_1(tmp_path):

@@ -98,7 +98,40 @@ def test_non_utf8_names_line_and_offset(tmp_path):
     path.write_bytes(data)
     with pytest.raises(InputError, match=r"r\.csv: line 3, byte offset 30: byte 0xe9") as error:
         read_text_source(path, "patient_id", ["text"])
-    assert "--encoding" in str(error.value)
+    assert "--encoding latin-1" in str(error.value)
+    assert "probably not UTF-8" in str(error.value)
+
+
+def test_stray_byte_in_utf8_file_advises_fixing_it(tmp_path):
+    # Reading this file as latin-1 would turn the valid quotes and bullet
+    # into mojibake, so the message must not suggest another encoding.
+    path = tmp_path / "r.csv"
+    good = "patient_id,text\np1,\u201cmass\u201d \u2022 \u00bb left\np2,caf".encode()
+    path.write_bytes(good + b"\xe9\np3,na\xefve\n")
+    with pytest.raises(InputError) as error:
+        read_text_source(path, "patient_id", ["text"])
+    message = str(error.value)
+    assert f"line 3, byte offset {len(good)}: byte 0xe9" in message
+    assert "the rest of the file is UTF-8" in message
+    assert "2 invalid byte(s)" in message
+    assert "fix those bytes" in message
+    assert "--encoding latin-1" not in message
+
+
+def test_line_numbers_count_header_blank_and_multiline_rows(tmp_path):
+    path = tmp_path / "r.csv"
+    path.write_text('patient_id,text\np1,"two\nlines"\n\np2,x\n ,y\n', encoding="utf-8")
+    with pytest.raises(InputError, match="line 6: empty patient_id"):
+        read_text_source(path, "patient_id", ["text"])
+    path.write_text('patient_id,text\np1,"two\nlines"\n\np2,x\n', encoding="utf-8")
+    assert [entry.line for entry in read_text_source(path, "patient_id", ["text"]).texts] == [2, 5]
+
+
+def test_json_lines_report_file_lines(tmp_path):
+    path = tmp_path / "r.jsonl"
+    path.write_text('{"patient_id": "p1", "text": "a"}\n\n{"patient_id": "p1", "text": "b"}\n', encoding="utf-8")
+    with pytest.raises(InputError, match="different texts on lines 1 and 3"):
+        read_text_source(path, "patient_id", ["text"])
 
 
 def test_encoding_option_decodes(tmp_path):
@@ -116,7 +149,7 @@ def test_utf8_bom_removed(tmp_path):
 
 def test_empty_id_rejected(tmp_path):
     path = write_reports(tmp_path / "r.csv", [{"patient_id": " ", "text": "x"}])
-    with pytest.raises(InputError, match="data row 1: empty patient_id"):
+    with pytest.raises(InputError, match="line 2: empty patient_id"):
         read_text_source(path, "patient_id", ["text"])
 
 
@@ -129,7 +162,7 @@ def test_identical_duplicates_kept_once(tmp_path):
 
 def test_conflicting_duplicates_name_patient(tmp_path):
     rows = [{"patient_id": "p1", "text": "a"}, {"patient_id": "p1", "text": "b"}]
-    with pytest.raises(InputError, match=r"patient 'p1' has different texts in data rows 1 and 2.*--duplicates keep-all"):
+    with pytest.raises(InputError, match=r"patient 'p1' has different texts on lines 2 and 3.*--duplicates keep-all"):
         read_text_source(write_reports(tmp_path / "r.csv", rows), "patient_id", ["text"])
 
 
@@ -152,7 +185,7 @@ def test_item_names_independent_of_row_order(tmp_path):
 def test_extra_fields_rejected(tmp_path):
     path = tmp_path / "r.csv"
     path.write_text("patient_id,text\np1,a,b\n", encoding="utf-8")
-    with pytest.raises(InputError, match="data row 1 has more fields than the header"):
+    with pytest.raises(InputError, match=r"line 2 has more fields \(3\) than the header \(2\)"):
         read_text_source(path, "patient_id", ["text"])
 
 

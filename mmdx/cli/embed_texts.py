@@ -64,11 +64,17 @@ def text_source_options(function):
     type=click.Choice(["fail", "skip"]),
     default="skip",
     show_default=True,
-    help="A row whose text is empty (every text column empty or N/A): stop, or skip it with a warning and go on.",
+    help="A row whose text is empty (every text column empty or N/A): stop, or skip it with a warning, "
+    "count it as skipped and list it in --rejects.",
 )
-@click.option("--rejects", type=click.Path(dir_okay=False), default=None, help="CSV listing skipped texts and why (with --on-error skip).")
+@click.option(
+    "--rejects",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="CSV listing skipped texts and why, written only when a text is skipped. [default: <store>.rejects-texts.csv]",
+)
 @click.option("--wait", type=click.FloatRange(min=0), default=0.0, show_default=True, help="Seconds to wait for another writer of the store.")
-@click.option("--quiet", is_flag=True, help="Hide the progress bar.")
+@click.option("-q", "--quiet", is_flag=True, help="Hide the progress bars, transformers' own included.")
 @report_errors
 def texts(source, store, id_column, text_columns, source_format, encoding, duplicates, model, max_length, pooling,
           batch_size, on_error, rejects, wait, quiet) -> None:

@@ -64,7 +64,7 @@ def parse_trainable_layers(value: str) -> int | None:
 )
 @click.option("--embed-batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Texts per forward pass when embedding.")
 @click.option("--wait", type=click.FloatRange(min=0), default=0.0, show_default=True, help="Seconds to wait for another writer of the store.")
-@click.option("--quiet", is_flag=True, help="Hide the progress bar.")
+@click.option("-q", "--quiet", is_flag=True, help="Hide the progress bars, transformers' own included.")
 @report_errors
 def finetune_text(source, labels_path, label_column, positive, negative, labels_id_column, id_column, text_columns,
                   source_format, encoding, duplicates, model, out, epochs, learning_rate, batch_size, max_length, seed,

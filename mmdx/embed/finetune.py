@@ -29,6 +29,7 @@ from typing import Sequence
 
 import numpy as np
 
+from mmdx.atomic import atomic_dir, check_output_dir
 from mmdx.embed.runner import EmbedReport
 from mmdx.embed.text_sources import JOIN_RULE, read_text_source
 from mmdx.embed.texts import (
@@ -41,6 +42,7 @@ from mmdx.embed.texts import (
     pool_hidden,
     resolve_max_length,
     set_torch_threads,
+    transformers_progress,
 )
 from mmdx.errors import InputError
 
@@ -245,10 +247,8 @@ def _train_encoder(
     return epoch_loss
 
 
-def _save_encoder(encoder: TextEncoder, folder: Path, record: dict) -> None:
-    from mmdx.atomic import atomic_dir
-
-    with atomic_dir(folder) as staging:
+def _save_encoder(encoder: TextEncoder, folder: Path, record: dict, protect: list[Path]) -> None:
+    with atomic_dir(folder, protect=protect) as staging:
         encoder.model.save_pretrained(str(staging))
         encoder.tokenizer.save_pretrained(str(staging))
         (staging / TRAINING_RECORD).write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
@@ -340,7 +340,7 @@ def finetune_text(
         encoder into this store (one feature set per encoder).
     embed_batch_size, wait, quiet
         Embedding batch size, seconds to wait for the store lock, and
-        whether to hide progress bars.
+        whether to hide progress bars (transformers' own included).
 
     Returns
     -------
@@ -386,7 +386,8 @@ def finetune_text(
         plans.append((fold, patients))
 
     set_torch_threads()
-    base = load_text_encoder(model, max_length)
+    with transformers_progress(not quiet):
+        base = load_text_encoder(model, max_length)
     max_length = resolve_max_length(base, max_length)
     hyperparameters = {
         "epochs": epochs,
@@ -416,6 +417,12 @@ def finetune_text(
         )
         records.append((fold, patients, folder, record))
     reused = {fold for fold, _, folder, record in records if _reusable(folder, record)}
+    # The inputs, and the base model where it is a local folder, must survive replacing an output folder.
+    protect = [Path(source), Path(labels), *([Path(store)] if store is not None else [])]
+    protect += [Path(model)] if Path(model).exists() else []
+    for fold, _, folder, _ in records:
+        if fold not in reused:
+            check_output_dir(folder, protect)  # fail before training, not after
     n_to_train = sum(len(patients) for fold, patients, _, _ in records if fold not in reused)
     base_state = {name: tensor.clone() for name, tensor in base.model.state_dict().items()} if n_to_train else None
 
@@ -433,7 +440,7 @@ def finetune_text(
                     base, [texts[p] for p in patients], [label_map[p] for p in patients], hyperparameters, progress
                 )
                 seconds = time.perf_counter() - started
-                _save_encoder(base, folder, {**record, _OUTCOME: {"final_loss": loss}})
+                _save_encoder(base, folder, {**record, _OUTCOME: {"final_loss": loss}}, protect)
                 logger.info("%s: fine-tuned on %d patients in %.0f s, final loss %.4f", folder, len(patients), seconds, loss)
                 result = FoldResult(fold, folder, len(patients), False, seconds, loss)
             if store is not None:

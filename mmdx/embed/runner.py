@@ -27,6 +27,7 @@ __all__ = ["EmbedReport", "Item", "ItemFailure", "embed_items", "sha256_bytes", 
 logger = logging.getLogger(__name__)
 
 ON_ERROR_CHOICES = ("fail", "skip")
+_CHANGED_SHOWN = 5  # patient IDs named in the warning about changed items
 
 
 @dataclass
@@ -46,10 +47,16 @@ class Item:
 
 @dataclass
 class ItemFailure:
-    """An item that could not be embedded, with the reason in the user's words."""
+    """An item that could not be embedded, with the reason in the user's words.
+
+    ``skipped`` names a deliberate skip such as ``"empty text"``: the item
+    has nothing to embed, so the summary counts it apart from failures. It
+    still goes to the rejects CSV.
+    """
 
     item: Item
     reason: str
+    skipped: str | None = None
 
 
 @dataclass
@@ -62,19 +69,33 @@ class EmbedReport:
     n_items: int = 0
     n_already_stored: int = 0
     n_embedded: int = 0
+    n_changed: int = 0  # embedded items that replaced a stored vector of different content
     failures: list[ItemFailure] = field(default_factory=list)
     rejects_path: str | None = None
     extra: dict = field(default_factory=dict)
 
     @property
     def n_failed(self) -> int:
-        return len(self.failures)
+        """Items that could not be embedded, deliberate skips excluded."""
+        return sum(1 for failure in self.failures if failure.skipped is None)
+
+    @property
+    def n_skipped(self) -> dict[str, int]:
+        """Deliberately skipped items by kind, for example ``{"empty text": 1}``."""
+        counts: dict[str, int] = {}
+        for failure in self.failures:
+            if failure.skipped is not None:
+                counts[failure.skipped] = counts.get(failure.skipped, 0) + 1
+        return counts
 
     def summary(self) -> str:
-        text = (
-            f"{self.feature_set}: {self.n_items} items, {self.n_embedded} embedded, "
-            f"{self.n_already_stored} already stored, {self.n_failed} failed (width {self.width}, store {self.store})"
-        )
+        text = f"{self.feature_set}: {self.n_items} items, {self.n_embedded} embedded"
+        if self.n_changed:
+            text += f" ({self.n_changed} of them replace a changed stored item)"
+        text += f", {self.n_already_stored} already stored"
+        for kind, count in self.n_skipped.items():
+            text += f", {count} skipped ({kind})"
+        text += f", {self.n_failed} failed (width {self.width}, store {self.store})"
         for key, value in self.extra.items():
             text += f"; {key.replace('_', ' ')}: {value}"
         if self.rejects_path:
@@ -108,6 +129,8 @@ def embed_items(
     rejects_path: str | Path | None = None,
     progress_label: str = "embedding",
     quiet: bool = False,
+    known_failures: Iterable[ItemFailure] = (),
+    changed_hint: str = "check that the source is the one you meant",
 ) -> EmbedReport:
     """Embed the items not yet stored and commit them batch by batch.
 
@@ -117,6 +140,13 @@ def embed_items(
     With ``on_error="fail"`` the first failure raises ``InputError`` after the
     batches before it are committed; with ``"skip"`` failures are counted,
     logged and written to ``rejects_path`` (CSV), and the run goes on.
+
+    ``known_failures`` are items the caller already found unusable (a
+    missing file, an empty text); they count in ``n_items``, are logged and
+    go to the rejects CSV like the failures of ``encode``. Items whose key is
+    stored with a different hash are embedded again and replace the stored
+    vector; their number is logged as a warning that ends with
+    ``changed_hint``, since a wrong option can change many texts at once.
     """
     from tqdm.auto import tqdm
 
@@ -132,20 +162,37 @@ def embed_items(
             seen.add(key)
         raise InputError(f"patient {repeated[0]!r}: item {repeated[1]!r} appears twice in the input; remove the duplicate")
 
-    report = EmbedReport(store=str(store.path), feature_set=header.name, width=header.width, n_items=len(items))
+    known_failures = list(known_failures)
+    report = EmbedReport(
+        store=str(store.path), feature_set=header.name, width=header.width, n_items=len(items) + len(known_failures)
+    )
+    for failure in known_failures:
+        logger.warning("skipped patient %r, %s: %s", failure.item.patient_id, failure.item.name, failure.reason)
+    report.failures.extend(known_failures)
     stored = store.item_hashes(header.name)
     todo = [item for item in items if stored.get(item.key) != item.content_hash]
     report.n_already_stored = len(items) - len(todo)
     if report.n_already_stored:
         logger.info("%s: %d of %d items already stored, skipped", header.name, report.n_already_stored, len(items))
+    changed = [item for item in todo if item.key in stored]
+    if changed:
+        first_patients = ", ".join(sorted({item.patient_id for item in changed})[:_CHANGED_SHOWN])
+        logger.warning(
+            "%s: %d stored items changed and are embedded again, replacing their vectors (patients %s%s); "
+            "if that is not expected, %s",
+            header.name, len(changed), first_patients, ", ..." if len(changed) > _CHANGED_SHOWN else "", changed_hint,
+        )
 
     with tqdm(total=len(todo), desc=progress_label, unit="item", disable=quiet or not todo) as bar:
         for done, vectors, failures in encode(plan(todo)):
             for failure in failures:
-                if on_error == "fail":
+                if on_error == "fail" and failure.skipped is None:
+                    others = sum(1 for other in failures if other.skipped is None) - 1
+                    others_note = f"{others} other item(s) of this batch failed too, " if others else ""
                     raise InputError(
                         f"patient {failure.item.patient_id!r}, {failure.item.name}: {failure.reason} "
-                        "(nothing from this batch was stored; fix or remove the item, or pass --on-error skip)"
+                        f"({others_note}nothing from this batch was stored; fix or remove the item, or pass --on-error skip "
+                        "to list every failure in the rejects CSV)"
                     )
                 logger.warning("skipped patient %r, %s: %s", failure.item.patient_id, failure.item.name, failure.reason)
             report.failures.extend(failures)
@@ -159,6 +206,7 @@ def embed_items(
                     [item.view for item in done],
                 )
                 report.n_embedded += len(done)
+                report.n_changed += sum(1 for item in done if item.key in stored)
             bar.update(len(done) + len(failures))
 
     if report.failures and rejects_path is not None:

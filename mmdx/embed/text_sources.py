@@ -18,6 +18,7 @@ no item key, and a re-run skips every unchanged text.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import json
@@ -49,7 +50,7 @@ class SourceText:
     patient_id: str
     name: str  # "text 1", "text 2", ... in source order within the patient
     text: str  # the joined text; empty when every part was missing
-    row: int  # 1-based data row (header excluded) where the text first appears
+    line: int  # file line (1-based, header included) where the row with the text first starts
 
 
 @dataclass
@@ -92,38 +93,78 @@ def detect_format(path: Path, source_format: str | None) -> str:
 
 def _decode(path: Path, data: bytes, encoding: str) -> str:
     try:
+        is_utf8 = codecs.lookup(encoding).name in ("utf-8", "utf-8-sig")
+    except LookupError:
+        raise InputError(f"--encoding {encoding!r} is not a known text encoding; try utf-8 or latin-1") from None
+    try:
         text = data.decode(encoding)
     except UnicodeDecodeError as exc:
         line = data.count(b"\n", 0, exc.start) + 1
-        raise InputError(
-            f"{path}: line {line}, byte offset {exc.start}: byte {data[exc.start]:#04x} is not valid {encoding}; "
-            "save the file as UTF-8 or pass --encoding (for example --encoding latin-1)"
-        ) from None
-    except LookupError:
-        raise InputError(f"--encoding {encoding!r} is not a known text encoding; try utf-8 or latin-1") from None
+        where = f"{path}: line {line}, byte offset {exc.start}: byte {data[exc.start]:#04x} is not valid {encoding}"
+        if is_utf8:
+            raise InputError(_utf8_advice(where, data)) from None
+        raise InputError(f"{where}; save the file as UTF-8 or pass the file's --encoding") from None
     return text.removeprefix("\ufeff")
 
 
+def _utf8_advice(where: str, data: bytes) -> str:
+    """Say how to repair a file that is not valid UTF-8, telling a few stray bytes from another encoding.
+
+    A file whose non-ASCII text is mostly valid UTF-8 is UTF-8 with some
+    damaged bytes. Reading it with another encoding (latin-1 accepts any
+    byte) would turn its valid characters, such as curly quotes or bullets,
+    into mojibake and change the stored texts, so the advice is to fix the
+    bytes. Only a file without more valid UTF-8 characters than bad bytes is
+    probably in another encoding.
+    """
+    decoded = data.decode("utf-8", errors="surrogateescape")
+    n_bad = sum(1 for char in decoded if "\udc80" <= char <= "\udcff")
+    n_valid = sum(1 for char in decoded if char >= "\x80" and not "\udc80" <= char <= "\udcff")
+    if n_valid > n_bad:
+        return (
+            f"{where}; the rest of the file is UTF-8 ({n_valid} valid non-ASCII characters, {n_bad} invalid byte(s) "
+            "in all), so fix those bytes in an editor and keep the file UTF-8. Another --encoding would misread "
+            "its valid characters and change the stored texts"
+        )
+    return (
+        f"{where} ({n_bad} invalid byte(s), {n_valid} valid non-ASCII characters, so the file is probably not UTF-8); "
+        "save the file as UTF-8 or pass its encoding, for example --encoding latin-1 or --encoding cp1252"
+    )
+
+
 def _read_table(path: Path, text: str, delimiter: str) -> tuple[list[str], list[tuple[int, dict]]]:
-    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
+    """Return the columns and ``(line, row)`` pairs, ``line`` being the file line where the row starts.
+
+    Blank lines are skipped. A row longer than the header is an error; a
+    shorter one leaves its last columns missing (``None``).
+    """
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
+    kind = "TSV" if delimiter == "\t" else "CSV"
+    columns: list[str] | None = None
+    rows = []
+    end = 0  # last line of the previous row; a quoted field may span lines
     try:
-        columns = list(reader.fieldnames or [])
-        rows = [(number, row) for number, row in enumerate(reader, start=1)]
+        for fields in reader:
+            start, end = end + 1, reader.line_num
+            if not fields:
+                continue
+            if columns is None:
+                columns = fields
+                continue
+            if len(fields) > len(columns):
+                raise InputError(
+                    f"{path}: line {start} has more fields ({len(fields)}) than the header ({len(columns)}); "
+                    "quote fields that contain the delimiter"
+                )
+            rows.append((start, dict(zip(columns, fields + [None] * (len(columns) - len(fields))))))
     except csv.Error as exc:
-        raise InputError(f"{path}: line {reader.line_num}: invalid {'TSV' if delimiter == chr(9) else 'CSV'} ({exc})") from None
-    for number, row in rows:
-        if None in row:
-            raise InputError(
-                f"{path}: data row {number} has more fields than the header ({len(columns)}); "
-                "quote fields that contain the delimiter"
-            )
-    return columns, rows
+        raise InputError(f"{path}: line {reader.line_num}: invalid {kind} ({exc})") from None
+    return columns or [], rows
 
 
 def _read_json_lines(path: Path, text: str) -> tuple[list[str], list[tuple[int, dict]]]:
     columns: dict[str, None] = {}
     rows = []
-    number = 0
     for line_number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
@@ -133,9 +174,8 @@ def _read_json_lines(path: Path, text: str) -> tuple[list[str], list[tuple[int, 
             raise InputError(f"{path}: line {line_number}: invalid JSON ({exc.msg}, column {exc.colno})") from None
         if not isinstance(record, dict):
             raise InputError(f"{path}: line {line_number}: expected a JSON object per line, got {type(record).__name__}")
-        number += 1
         columns.update(dict.fromkeys(record))
-        rows.append((number, record))
+        rows.append((line_number, record))
     return list(columns), rows
 
 
@@ -146,14 +186,14 @@ def _check_columns(path: Path, columns: list[str], id_column: str, text_columns:
             raise InputError(f"{path}: {option} {column!r} not found; available columns: {available}")
 
 
-def _patient_id(path: Path, number: int, value: object, id_column: str) -> str:
+def _patient_id(path: Path, line: int, value: object, id_column: str) -> str:
     if isinstance(value, (dict, list, float)) or isinstance(value, bool):
         raise InputError(
-            f"{path}: data row {number}: {id_column} {value!r} is not a string or integer; write patient IDs as strings"
+            f"{path}: line {line}: {id_column} {value!r} is not a string or integer; write patient IDs as strings"
         )
     patient_id = "" if value is None else str(value).strip()
     if not patient_id:
-        raise InputError(f"{path}: data row {number}: empty {id_column}; every row needs a patient ID")
+        raise InputError(f"{path}: line {line}: empty {id_column}; every row needs a patient ID")
     return patient_id
 
 
@@ -210,8 +250,8 @@ def read_text_source(
     texts: list[SourceText] = []
     by_patient: dict[str, list[SourceText]] = {}
     n_identical = 0
-    for number, row in rows:
-        patient_id = _patient_id(path, number, row.get(id_column), id_column)
+    for line, row in rows:
+        patient_id = _patient_id(path, line, row.get(id_column), id_column)
         joined = join_parts([row.get(column) for column in text_columns])
         known = by_patient.setdefault(patient_id, [])
         if any(entry.text == joined for entry in known):
@@ -219,10 +259,10 @@ def read_text_source(
             continue
         if known and duplicates == "error":
             raise InputError(
-                f"{path}: patient {patient_id!r} has different texts in data rows {known[0].row} and {number}; "
+                f"{path}: patient {patient_id!r} has different texts on lines {known[0].line} and {line}; "
                 "merge or remove one, or pass --duplicates keep-all to store each text as its own item"
             )
-        entry = SourceText(patient_id, f"text {len(known) + 1}", joined, number)
+        entry = SourceText(patient_id, f"text {len(known) + 1}", joined, line)
         known.append(entry)
         texts.append(entry)
     if n_identical:

@@ -11,6 +11,7 @@ changes which vector a patient gets.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -121,6 +122,29 @@ def _model_max_length(tokenizer, config) -> int | None:
     if getattr(config, "max_position_embeddings", None):
         limits.append(int(config.max_position_embeddings))
     return min(limits) if limits else None
+
+
+@contextlib.contextmanager
+def transformers_progress(show: bool):
+    """Show or hide transformers' own progress bars ("Loading weights", "Writing model shards") inside the block.
+
+    The previous setting is restored afterwards, so a caller that hid the
+    bars keeps them hidden.
+    """
+    from transformers.utils import logging as transformers_logging
+
+    was_enabled = transformers_logging.is_progress_bar_enabled()
+    if show:
+        transformers_logging.enable_progress_bar()
+    else:
+        transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            transformers_logging.enable_progress_bar()
+        else:
+            transformers_logging.disable_progress_bar()
 
 
 def set_torch_threads() -> None:
@@ -265,30 +289,25 @@ def check_text_options(pooling: str, batch_size: int, max_length: int | None) ->
 
 
 def make_text_encode(encoder: TextEncoder, max_length: int, pooling: str):
-    """Return the ``encode`` generator function for :func:`mmdx.embed.runner.embed_items`."""
+    """Return the ``encode`` generator function for :func:`mmdx.embed.runner.embed_items`.
+
+    Every item must have a non-empty text; empty texts are left out before.
+    """
     import torch
 
     def encode(batches: list[list[Item]]):
         for batch in batches:
-            texts = [item for item in batch if item.payload]
-            failures = [
-                ItemFailure(item, "empty text: every text column is empty or a missing-value marker such as N/A")
-                for item in batch
-                if not item.payload
-            ]
-            vectors = np.zeros((0, encoder.width), dtype=np.float32)
-            if texts:
-                inputs = encoder.tokenizer(
-                    [item.payload for item in texts],
-                    padding=True,
-                    truncation=True,
-                    max_length=max_length,
-                    return_tensors="pt",
-                )
-                with torch.inference_mode():
-                    hidden = encoder.model(**inputs).last_hidden_state
-                    vectors = pool_hidden(hidden, inputs["attention_mask"], pooling).float().numpy()
-            yield texts, vectors, failures
+            inputs = encoder.tokenizer(
+                [item.payload for item in batch],
+                padding=True,
+                truncation=True,
+                max_length=max_length,
+                return_tensors="pt",
+            )
+            with torch.inference_mode():
+                hidden = encoder.model(**inputs).last_hidden_state
+                vectors = pool_hidden(hidden, inputs["attention_mask"], pooling).float().numpy()
+            yield batch, vectors, []
 
     return encode
 
@@ -338,20 +357,25 @@ def embed_texts(
         Passed to :func:`~mmdx.embed.text_sources.read_text_source`.
     on_error, rejects
         ``"skip"`` (the default) skips a row whose text is empty with a
-        warning and lists it in the ``rejects`` CSV; ``"fail"`` stops before
-        loading the model. Skip is the default because real report tables
-        have patients without any text (one of the 268 MedPix cases).
+        warning, counts it as skipped (not failed) and lists it in the
+        ``rejects`` CSV; ``"fail"`` stops before loading the model. Skip is
+        the default because real report tables have patients without any
+        text (one of the 268 MedPix cases). ``rejects`` defaults to
+        ``<store>.rejects-texts.csv``, written only when a text was skipped.
     wait
         Seconds to wait for another writer's lock on the store.
     quiet
-        Hide the progress bar.
+        Hide the progress bar, and transformers' own bars while the model loads.
     encoder
         An already loaded encoder, which replaces ``model``.
 
     Returns
     -------
     EmbedReport
-        Counts; ``extra`` contains the number of truncated texts.
+        Counts; ``extra`` contains the number of truncated texts. A run
+        that changes stored texts (the same patient and item, another text)
+        embeds them again and logs a warning with their number, because a
+        wrong ``encoding`` or ``text_columns`` changes many texts at once.
     """
     from mmdx.store import FeatureStore
 
@@ -365,19 +389,31 @@ def embed_texts(
     if empty and on_error == "fail":
         first = empty[0]
         raise InputError(
-            f"{source}: data row {first.row}, patient {first.patient_id!r}: empty text (every text column is empty "
+            f"{source}: line {first.line}, patient {first.patient_id!r}: empty text (every text column is empty "
             f"or N/A); {len(empty)} such row(s) in all; fill them in, or pass --on-error skip to skip them"
         )
     if not Path(store).parent.is_dir():
         raise InputError(f"--store {str(store)!r}: folder {Path(store).parent} does not exist; create it first")
 
+    store_path = Path(store)
+    rejects_path = Path(rejects) if rejects is not None else store_path.with_name(store_path.name + ".rejects-texts.csv")
+
     set_torch_threads()
     if encoder is None:
-        encoder = load_text_encoder(model, max_length)
+        with transformers_progress(not quiet):
+            encoder = load_text_encoder(model, max_length)
     max_length = resolve_max_length(encoder, max_length)
 
     items = [
-        Item(entry.patient_id, entry.name, sha256_text(entry.text), 0, entry.text) for entry in texts.texts
+        Item(entry.patient_id, entry.name, sha256_text(entry.text), 0, entry.text) for entry in texts.texts if entry.text
+    ]
+    skipped = [
+        ItemFailure(
+            Item(entry.patient_id, entry.name, sha256_text(entry.text), 0, entry.text),
+            f"empty text at line {entry.line}: every text column is empty or a missing-value marker such as N/A",
+            skipped="empty text",
+        )
+        for entry in empty
     ]
     lengths = dict(zip([item.key for item in items], token_lengths(encoder.tokenizer, [item.payload for item in items])))
     truncated = [item.patient_id for item in items if lengths[item.key] > max_length]
@@ -391,6 +427,7 @@ def embed_texts(
         "model": str(encoder.source),
         "id_column": id_column,
         "n_texts": len(items),
+        "n_empty_texts": len(skipped),
         "n_truncated": len(truncated),
         "truncated_patients": truncated[:_TRUNCATED_LOGGED],
         "max_tokens_seen": max(lengths.values(), default=0),
@@ -407,9 +444,11 @@ def embed_texts(
             lambda todo: length_sorted_batches(todo, lengths, batch_size),
             make_text_encode(encoder, max_length, pooling),
             on_error=on_error,
-            rejects_path=rejects,
+            rejects_path=rejects_path,
             progress_label="embedding texts",
             quiet=quiet,
+            known_failures=skipped,
+            changed_hint="check --encoding and --text-column",
         )
     report.extra["truncated_texts"] = f"{len(truncated)} at {max_length} tokens"
     if texts.n_identical_duplicates:
