@@ -135,7 +135,8 @@ def test_train_head_output_atomic_on_failure(synthetic, tmp_path, monkeypatch):
         train_head(store, labels, "label", modality="image", folds=3, epochs=1, seed=1, out=out)
     assert calls == ["metrics.json", "config.json"]
     assert (out / "metrics.json").read_text() == before
-    assert sorted(path.name for path in out.iterdir()) == ["config.json", "metrics.json", "predictions.csv"]
+    assert sorted(path.name for path in out.iterdir()) == [
+        ".mmdx-output.json", "config.json", "metrics.json", "predictions.csv"]
     assert not [path.name for path in tmp_path.iterdir() if path.name.startswith(".out")]
 
 

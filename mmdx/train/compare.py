@@ -16,11 +16,12 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
 from mmdx import __version__
-from mmdx.atomic import atomic_dir
+from mmdx.atomic import atomic_dir, check_output_dir
 from mmdx.errors import InputError
 from mmdx.store.api import FeatureStore
 from mmdx.train.cv import METRIC_NAMES
@@ -175,6 +176,8 @@ def compare(
     if bootstrap < 100:
         raise InputError(f"--bootstrap must be at least 100 resamples, got {bootstrap}")
     fusions = tuple(dict.fromkeys(fusions))
+    if out is not None:
+        check_output_dir(out, protect=[store, labels])
     modalities = _store_modalities(store)
     plan = _head_plan(modalities, fusions)
     if not plan:
@@ -208,7 +211,7 @@ def compare(
               "confidence": CONFIDENCE, "interval": "Student t over folds x repeats", **head_options}
     result = CompareResult(heads, summary, reference, tests, test_heads, config)
     if out is not None:
-        write_compare(result, out)
+        write_compare(result, out, protect=[store, labels])
     return result
 
 
@@ -257,9 +260,13 @@ def format_markdown(result: CompareResult) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_compare(result: CompareResult, out: str | Path) -> Path:
-    """Write the tables, tests, per-head outputs and the ROC plot into ``out`` atomically."""
-    with atomic_dir(out) as staging:
+def write_compare(result: CompareResult, out: str | Path, protect: Sequence[str | Path] = ()) -> Path:
+    """Write the tables, tests, per-head outputs and the ROC plot into ``out`` atomically.
+
+    ``out`` is refused if it contains one of the input paths ``protect`` or
+    files mmdx did not write (see :func:`mmdx.atomic.atomic_dir`).
+    """
+    with atomic_dir(out, protect=protect) as staging:
         (staging / "table.md").write_text(format_markdown(result), encoding="utf-8")
         with open(staging / "table.csv", "w", newline="", encoding="utf-8") as handle:
             writer = csv.writer(handle)

@@ -9,9 +9,10 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 from mmdx import __version__
-from mmdx.atomic import atomic_dir
+from mmdx.atomic import atomic_dir, check_output_dir
 from mmdx.errors import InputError
 from mmdx.train.cv import METRIC_NAMES, THRESHOLD, CVResult, cross_validate, restricted_folds
 from mmdx.train.data import AGGREGATES, MODALITIES, PatientData, load_patient_data, store_duplicate_groups
@@ -186,6 +187,8 @@ def train_head(
     }
     _check_options(config)
     fusion_options = _fusion_options(config)
+    if out is not None:
+        check_output_dir(out, protect=[store, labels])
 
     label_table = load_labels(labels, id_column, label_column, positive, negative or None)
     if keep_missing and modality == "hybrid":
@@ -214,7 +217,7 @@ def train_head(
     report = _report(config, data, cv, leaks.leaked, leaks.findings, len(groups))
     result = TrainHeadResult(report, config, cv, data)
     if out is not None:
-        write_outputs(result, out)
+        write_outputs(result, out, protect=[store, labels])
     return result
 
 
@@ -296,9 +299,13 @@ def _report(
     }
 
 
-def write_outputs(result: TrainHeadResult, out: str | Path) -> Path:
-    """Write ``metrics.json``, ``predictions.csv`` and ``config.json`` into ``out`` atomically."""
-    with atomic_dir(out) as staging:
+def write_outputs(result: TrainHeadResult, out: str | Path, protect: Sequence[str | Path] = ()) -> Path:
+    """Write ``metrics.json``, ``predictions.csv`` and ``config.json`` into ``out`` atomically.
+
+    ``out`` is refused if it contains one of the input paths ``protect`` or
+    files mmdx did not write (see :func:`mmdx.atomic.atomic_dir`).
+    """
+    with atomic_dir(out, protect=protect) as staging:
         _write_json(staging / "metrics.json", result.report)
         _write_json(staging / "config.json", result.config)
         predictions = result.cv.predictions
