@@ -18,8 +18,25 @@ from mmdx.errors import MmdxError
 __all__ = ["main", "report_errors"]
 
 
-def report_errors(function):
-    """Turn ``MmdxError`` into a one-line ``Error:`` message and exit status 1."""
+INTERRUPTED_RESUMABLE = "interrupted; batches committed before the interrupt are kept; re-run the same command to resume"
+INTERRUPTED_NOTHING_WRITTEN = "interrupted; nothing was written to --out"
+
+
+class Interrupted(click.ClickException):
+    """A command stopped by Ctrl-C: prints ``Error: <message>`` and exits 130, as shells do for SIGINT."""
+
+    exit_code = 130
+
+
+def report_errors(function=None, *, interrupted: str = "interrupted"):
+    """Turn ``MmdxError`` into a one-line ``Error:`` message and exit status 1.
+
+    A ``KeyboardInterrupt`` becomes ``Error: <interrupted>`` and exit status
+    130. Use as ``@report_errors`` or ``@report_errors(interrupted=...)``
+    to say what an interrupt leaves behind for that command.
+    """
+    if function is None:
+        return functools.partial(report_errors, interrupted=interrupted)
 
     @functools.wraps(function)
     def wrapper(*args, **kwargs):
@@ -28,7 +45,7 @@ def report_errors(function):
         except MmdxError as exc:
             raise click.ClickException(str(exc)) from exc
         except KeyboardInterrupt:
-            raise click.ClickException("interrupted; every batch committed before the interrupt is kept") from None
+            raise Interrupted(interrupted) from None
 
     return wrapper
 

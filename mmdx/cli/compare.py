@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import click
 
-from mmdx.cli import report_errors
+from mmdx.cli import INTERRUPTED_NOTHING_WRITTEN, report_errors
 from mmdx.cli.options import label_options
 
 FUSION_CHOICES = ("concat", "late", "gated", "attention")
@@ -81,7 +81,7 @@ def head_options(multiple_fusions: bool):
 @click.option("--jobs", type=click.IntRange(min=0), default=0, show_default=True,
               help="Folds trained at once in worker processes; 0 means one per CPU core. Results do not depend on it.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-@report_errors
+@report_errors(interrupted=INTERRUPTED_NOTHING_WRITTEN)
 def compare(labels_path, quiet, fusions, **options) -> None:
     """Cross-validate image, text and hybrid heads on the same folds and test the differences.
 

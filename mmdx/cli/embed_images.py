@@ -6,7 +6,7 @@ import importlib
 
 import click
 
-from mmdx.cli import report_errors
+from mmdx.cli import INTERRUPTED_RESUMABLE, report_errors
 from mmdx.errors import InputError
 
 
@@ -77,7 +77,7 @@ ALPHA_HELP = "0.35, 0.5, 0.75, 1.0, 1.3 or 1.4"
 @click.option("--rejects", type=click.Path(dir_okay=False), default=None, help="CSV of skipped images [default: <store>.rejects-images.csv].")
 @click.option("--wait", type=click.FloatRange(min=0), default=0, show_default=True, help="Seconds to wait for another writer's lock on the store.")
 @click.option("--quiet", is_flag=True, help="Hide the progress bar (shown by default).")
-@report_errors
+@report_errors(interrupted=INTERRUPTED_RESUMABLE)
 def images(
     source, store, weights, image_size, alpha, batch_size, random_seed, engine, augment_views, rotation, shift,
     shear, zoom, flip, fill, augment_seed, window, slices, slice_axis, percentiles, id_pattern, id_column, path_column, on_error, rejects, wait, quiet,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from mmdx.cli import report_errors
+from mmdx.cli import INTERRUPTED_RESUMABLE, report_errors
 
 DEFAULT_TEXT_MODEL = "dmis-lab/biobert-base-cased-v1.1"
 
@@ -75,7 +75,7 @@ def text_source_options(function):
 )
 @click.option("--wait", type=click.FloatRange(min=0), default=0.0, show_default=True, help="Seconds to wait for another writer of the store.")
 @click.option("-q", "--quiet", is_flag=True, help="Hide the progress bars, transformers' own included.")
-@report_errors
+@report_errors(interrupted=INTERRUPTED_RESUMABLE)
 def texts(source, store, id_column, text_columns, source_format, encoding, duplicates, model, max_length, pooling,
           batch_size, on_error, rejects, wait, quiet) -> None:
     """Embed the texts of SOURCE (CSV, TSV or JSON lines) into the feature store.

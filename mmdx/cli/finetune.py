@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from mmdx.cli import report_errors
+from mmdx.cli import INTERRUPTED_RESUMABLE, report_errors
 from mmdx.cli.options import label_options
 from mmdx.cli.embed_texts import DEFAULT_TEXT_MODEL, text_source_options
 
@@ -65,7 +65,7 @@ def parse_trainable_layers(value: str) -> int | None:
 @click.option("--embed-batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Texts per forward pass when embedding.")
 @click.option("--wait", type=click.FloatRange(min=0), default=0.0, show_default=True, help="Seconds to wait for another writer of the store.")
 @click.option("-q", "--quiet", is_flag=True, help="Hide the progress bars, transformers' own included.")
-@report_errors
+@report_errors(interrupted=INTERRUPTED_RESUMABLE)
 def finetune_text(source, labels_path, label_column, positive, negative, labels_id_column, id_column, text_columns,
                   source_format, encoding, duplicates, model, out, epochs, learning_rate, batch_size, max_length, seed,
                   pooling, trainable_layers, per_fold, n_folds, store, embed_batch_size, wait, quiet) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from mmdx.cli import report_errors
+from mmdx.cli import INTERRUPTED_NOTHING_WRITTEN, report_errors
 from mmdx.cli.options import label_options
 from mmdx.cli.compare import head_options
 
@@ -91,7 +91,7 @@ METRIC_LABELS = {
     help="Folds trained at once in worker processes; 0 means one per CPU core. Results do not depend on it.",
 )
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-@report_errors
+@report_errors(interrupted=INTERRUPTED_NOTHING_WRITTEN)
 def train_head(labels_path, quiet, **options) -> None:
     """Cross-validate a classification head on stored vectors, with patient-level folds.
 
