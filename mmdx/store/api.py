@@ -16,7 +16,7 @@ from mmdx.errors import StoreError
 from mmdx.store import format as fmt
 from mmdx.store.lock import WriterLock
 
-__all__ = ["FeatureStore", "FeatureSetInfo", "set_name_for"]
+__all__ = ["FeatureStore", "FeatureSetInfo", "describe_sets", "set_name_for"]
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +45,42 @@ def set_name_for(modality: str, encoder: str, config: dict) -> str:
     return f"{modality}-{slug}-{digest}"
 
 
+def describe_sets(infos: Sequence[FeatureSetInfo], max_keys: int = 4) -> str:
+    """Format set names with the configuration values that tell them apart, for error messages.
+
+    Only keys whose values differ between ``infos`` are shown (nested keys
+    dotted, top-level keys first, at most ``max_keys`` per set), with hashes
+    cut to 12 characters: ``image-a (image_size=224, weights.sha256=3f1c...)``.
+    """
+    flat = [_flatten({"encoder": info.encoder, "width": info.width, **info.config}) for info in infos]
+    keys = sorted({key for values in flat for key in values}, key=lambda key: (key.count("."), key))
+    differing = [key for key in keys if len({_short(values.get(key, "-")) for values in flat}) > 1]
+    parts = []
+    for info, values in zip(infos, flat):
+        shown = [f"{key}={_short(values.get(key, '-'))}" for key in differing[:max_keys]]
+        if len(differing) > max_keys:
+            shown.append(f"{len(differing) - max_keys} more differences")
+        parts.append(f"{info.name} ({', '.join(shown)})" if shown else f"{info.name} (created {info.created})")
+    return "; ".join(parts)
+
+
+def _flatten(value: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, item in value.items():
+        if isinstance(item, dict) and item:
+            flat.update(_flatten(item, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = item
+    return flat
+
+
+def _short(value) -> str:
+    text = value if isinstance(value, str) else fmt.canonical_json(value)
+    if len(text) > 16 and re.fullmatch(r"[0-9a-f]+", text):
+        return text[:12]  # A 12-character prefix of a hash is enough to distinguish sets.
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 class FeatureStore:
     """An mmdx feature store: an HDF5 file of feature sets keyed by patient ID.
 
@@ -71,7 +107,7 @@ class FeatureStore:
         if mode == "r":
             if not fmt.list_shards(self.path) and not self.path.exists():
                 raise StoreError(
-                    f"{self.path}: store not found; check the --store path, or run `mmdx embed` to create it"
+                    f"{self.path}: store not found; check the store path, or run `mmdx embed` to create it"
                 )
             fmt.check_readable(self.path)
         else:
@@ -166,14 +202,19 @@ class FeatureStore:
                 if info.name == name:
                     return name
             listed = ", ".join(info.name for info in candidates) or "none"
-            raise StoreError(f"{self.path}: {option} {name!r} is not a {modality} feature set; {modality} sets: {listed}")
+            article = "an" if modality[0] in "aeiou" else "a"
+            raise StoreError(
+                f"{self.path}: {option} {name!r} is not {article} {modality} feature set; {modality} sets: {listed}"
+            )
         if not candidates:
             raise StoreError(
                 f"{self.path}: no {modality} feature set; run `mmdx embed {modality}s ... --store {self.path}` first"
             )
         if len(candidates) > 1:
-            listed = ", ".join(info.name for info in candidates)
-            raise StoreError(f"{self.path}: several {modality} feature sets ({listed}); choose one with {option}")
+            raise StoreError(
+                f"{self.path}: several {modality} feature sets, which differ in: {describe_sets(candidates)}; "
+                f"choose one with {option}"
+            )
         return candidates[0].name
 
     # Writing -------------------------------------------------------------

@@ -426,7 +426,7 @@ def read_store(
         except FileNotFoundError:
             if not list_shards(store_path) and not store_path.exists():
                 raise StoreError(
-                    f"{store_path}: store not found; check the --store path, "
+                    f"{store_path}: store not found; check the store path, "
                     "or run `mmdx embed` to create it"
                 ) from None
         except _JournalGap:

@@ -4,10 +4,15 @@ The kernel releases a ``flock`` when its process dies, however it dies, so a
 lock file left by a killed writer is stale by construction: the next writer
 acquires the lock and overwrites the holder record. The record (PID, host,
 start time, command) only serves the error message of a second writer.
+
+A writer that leaves no store behind (a failed first command) deletes the
+lock file on release. So :meth:`WriterLock.acquire` checks after locking that
+the path still names the locked file, and locks again if it was deleted.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -43,28 +48,43 @@ class WriterLock:
         self.wait = wait
         self._fd: int | None = None
 
-    def acquire(self) -> "WriterLock":
+    def _open(self) -> int:
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            return os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
             raise StoreError(
                 f"{self.store_path}: cannot open or create the lock file {self.path.name} ({exc.strerror}); "
                 "the store's folder must be writable, so choose a writable --store path"
             ) from exc
+
+    def acquire(self) -> "WriterLock":
+        fd = self._open()
         deadline = None if self.wait is None else time.monotonic() + self.wait
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
             except BlockingIOError:
                 if deadline is not None and time.monotonic() >= deadline:
                     holder = _describe_holder(fd)
                     os.close(fd)
-                    raise StoreLockedError(
-                        f"{self.store_path}: another process is writing this store ({holder}); "
-                        "wait for it to finish, or pass --wait SECONDS"
-                    ) from None
+                    if self.wait:
+                        message = (
+                            f"still locked after waiting {self.wait:g} s by another writer ({holder}); "
+                            "try again later or pass a longer --wait"
+                        )
+                    else:
+                        message = (
+                            f"another process is writing this store ({holder}); "
+                            "wait for it to finish, or pass --wait SECONDS"
+                        )
+                    raise StoreLockedError(f"{self.store_path}: {message}") from None
                 time.sleep(0.2)
+                continue
+            if _same_file(fd, self.path):
+                break
+            # The previous holder deleted the lock file after we opened it: lock the current one.
+            os.close(fd)
+            fd = self._open()
         record = {
             "pid": os.getpid(),
             "host": socket.gethostname(),
@@ -79,8 +99,13 @@ class WriterLock:
     def release(self) -> None:
         if self._fd is None:
             return
-        # The file stays: unlinking a flock file lets two writers lock different inodes.
         os.ftruncate(self._fd, 0)
+        if not self.store_path.exists() and not _journal_path(self.store_path).exists():
+            # Nothing was created, so an empty lock file would be the only trace of a failed first
+            # command. Deleting it while still locked is safe because acquire() locks again when
+            # the path no longer names the file it locked.
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
         fcntl.flock(self._fd, fcntl.LOCK_UN)
         os.close(self._fd)
         self._fd = None
@@ -90,6 +115,21 @@ class WriterLock:
 
     def __exit__(self, *exc_info) -> None:
         self.release()
+
+
+def _journal_path(store_path: Path) -> Path:
+    # The same name as mmdx.store.format.journal_dir, which this module does not import (it needs h5py).
+    return store_path.with_name(store_path.name + ".journal")
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    """Return whether ``path`` still names the open file ``fd``."""
+    try:
+        on_disk = os.stat(path)
+    except FileNotFoundError:
+        return False
+    opened = os.fstat(fd)
+    return (on_disk.st_dev, on_disk.st_ino) == (opened.st_dev, opened.st_ino)
 
 
 def _describe_holder(fd: int) -> str:

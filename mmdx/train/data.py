@@ -9,14 +9,14 @@ every modality in use. Every patient left out is recorded with the reason.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
 
 from mmdx.errors import InputError, StoreError
-from mmdx.store.api import FeatureStore
+from mmdx.store.api import FeatureStore, describe_sets
 from mmdx.train.folds import duplicate_groups
 from mmdx.train.labels import DROP_NO_LABEL, DROP_UNRECOGNIZED, LabelTable
 
@@ -245,8 +245,12 @@ def _choose_text(store: FeatureStore, infos, requested: str | None) -> SetChoice
     elif len(groups) == 1 and not singles:
         group = next(iter(groups))
     else:
-        listed = ", ".join([info.name for info in singles] + [f"{g} (per-fold group)" for g in groups])
-        raise StoreError(f"{store.path}: several text feature sets ({listed}); choose one with --text-set")
+        # A group is described by its first member's config.
+        candidates = singles + [replace(members[0], name=f"{g} (per-fold group)") for g, members in groups.items()]
+        raise StoreError(
+            f"{store.path}: several text feature sets, which differ in: {describe_sets(candidates)}; "
+            "choose one with --text-set"
+        )
 
     members = groups[group]
     trainings = [info.config["encoder_training"] for info in members]
