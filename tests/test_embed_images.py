@@ -276,7 +276,7 @@ def test_bad_files_fail_and_store_unharmed(class_folder, tmp_path):
     before = read_rows(store)
     add_bad_files(class_folder)
 
-    with pytest.raises(InputError, match=r"bad/cut\.png: truncated or corrupt image data.*--on-error skip"):
+    with pytest.raises(InputError, match=r"bad/cut\.png: truncated or corrupt image data.*\. 2 other item\(s\) of this batch failed too;.*--on-error skip"):
         embed_images(class_folder, store, **TINY)
 
     after = read_rows(store)
@@ -302,6 +302,20 @@ def test_bad_files_skipped_and_listed(class_folder, tmp_path):
     assert rejects["bad/cut.png"].startswith("truncated or corrupt image data")
     assert rejects["bad/text.png"] == "not an image file Pillow can read"
     assert len(read_rows(store)) == 5
+
+
+def test_missing_manifest_file_skipped_and_listed(medpix_like, tmp_path):
+    (medpix_like.parent / "images" / "001_synpic1.png").unlink()
+
+    with pytest.raises(InputError, match=r"images\.csv, line 3: image 'images/001_synpic1\.png' not found"):
+        embed_images(medpix_like, tmp_path / "s.h5", **TINY)
+    report = embed_images(medpix_like, tmp_path / "s.h5", on_error="skip", **TINY)
+
+    assert (report.n_items, report.n_embedded, report.n_failed) == (7, 6, 1)
+    with open(report.rejects_path, newline="") as handle:
+        (reject,) = list(csv.DictReader(handle))
+    assert (reject["patient_id"], reject["item"]) == ("001", "images/001_synpic1.png")
+    assert reject["reason"].startswith("image not found (manifest line 3")
 
 
 def test_decompression_bomb_is_item_failure(class_folder, tmp_path, monkeypatch):

@@ -169,35 +169,62 @@ def test_manifest_path_outside_folder(tmp_path):
     write_png(tmp_path / "outside.png")
     (tmp_path / "sub").mkdir()
     manifest = write_manifest(tmp_path / "sub" / "m.csv", [("P1", "../outside.png")])
-    with pytest.raises(InputError, match=r"row 2: image path '\.\./outside\.png' resolves to .*outside the manifest's folder"):
+    with pytest.raises(InputError, match=r"line 2: image path '\.\./outside\.png' resolves to .*outside the manifest's folder"):
         collect_image_items(manifest)
 
 
 def test_manifest_absolute_path(tmp_path):
     path = write_png(tmp_path / "a.png")
     manifest = write_manifest(tmp_path / "m.csv", [("P1", str(path))])
-    with pytest.raises(InputError, match="row 2: image path .* is absolute"):
+    with pytest.raises(InputError, match="line 2: image path .* is absolute"):
         collect_image_items(manifest)
 
 
 def test_manifest_missing_file_names_row(tmp_path):
     write_png(tmp_path / "a.png")
     manifest = write_manifest(tmp_path / "m.csv", [("P1", "a.png"), ("P2", "b.png")])
-    with pytest.raises(InputError, match=r"row 3: image 'b\.png' not found"):
+    with pytest.raises(InputError, match=r"line 3: image 'b\.png' not found.*--on-error skip"):
+        collect_image_items(manifest)
+
+
+def test_manifest_missing_file_skipped_on_request(tmp_path):
+    write_png(tmp_path / "a.png")
+    manifest = write_manifest(tmp_path / "m.csv", [("P1", "a.png"), ("P2", "gone.png")])
+
+    found = collect_image_items(manifest, on_missing="skip")
+
+    assert [item.name for item in found.items] == ["a.png"]
+    assert [(failure.item.patient_id, failure.item.name) for failure in found.missing] == [("P2", "gone.png")]
+    assert "image not found (manifest line 3" in found.missing[0].reason
+
+
+def test_manifest_outside_path_fails_even_when_skipping(tmp_path):
+    write_png(tmp_path / "outside.png")
+    (tmp_path / "sub").mkdir()
+    manifest = write_manifest(tmp_path / "sub" / "m.csv", [("P1", "../outside.png")])
+    with pytest.raises(InputError, match="outside the manifest's folder"):
+        collect_image_items(manifest, on_missing="skip")
+
+
+def test_manifest_lines_count_blank_lines(tmp_path):
+    write_png(tmp_path / "a.png")
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("patient_id,image\n\nP1,a.png\nP2,b.png\n", encoding="utf-8")
+    with pytest.raises(InputError, match=r"m\.csv, line 4: image 'b\.png' not found"):
         collect_image_items(manifest)
 
 
 def test_manifest_empty_patient_id(tmp_path):
     write_png(tmp_path / "a.png")
     manifest = write_manifest(tmp_path / "m.csv", [("", "a.png")])
-    with pytest.raises(InputError, match="row 2: empty 'patient_id'"):
+    with pytest.raises(InputError, match="line 2: empty 'patient_id'"):
         collect_image_items(manifest)
 
 
 def test_manifest_duplicate_row(tmp_path):
     write_png(tmp_path / "a.png")
     manifest = write_manifest(tmp_path / "m.csv", [("P1", "a.png"), ("P1", "a.png")])
-    with pytest.raises(InputError, match="row 3: image 'a.png' of patient 'P1' is already listed in row 2"):
+    with pytest.raises(InputError, match="line 3: image 'a.png' of patient 'P1' is already listed on line 2"):
         collect_image_items(manifest)
 
 

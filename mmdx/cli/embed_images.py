@@ -58,7 +58,7 @@ ALPHA_HELP = "0.35, 0.5, 0.75, 1.0, 1.3 or 1.4"
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1), help="Images per network call and per store commit.")
 @click.option("--random-seed", default=0, show_default=True, type=int, help="Seed of the initial weights with --weights random; ignored otherwise.")
 @click.option("--engine", type=click.Choice(["auto", "keras", "onnx"]), default="auto", show_default=True, help="Inference engine: auto uses ONNX Runtime when installed and it matches Keras, else Keras.")
-@click.option("--augment-views", default=0, show_default=True, type=click.IntRange(min=0), help="Number of randomly augmented views stored per image besides the plain one; views above it stored by an earlier run stay.")
+@click.option("--augment-views", default=0, show_default=True, type=click.IntRange(min=0), help="Number of randomly augmented views stored per image besides the plain one; views above it stored by an earlier run stay. The augmentation settings below are part of the feature set's identity even with 0, so a later run with more views adds them to the same set.")
 @click.option("--rotation", default=40.0, show_default=True, type=click.FloatRange(0, 180), help="Augmentation: maximum rotation in degrees.")
 @click.option("--shift", default=0.2, show_default=True, type=click.FloatRange(0, 1, max_open=True), help="Augmentation: maximum shift as a fraction of height and width.")
 @click.option("--shear", default=0.2, show_default=True, type=click.FloatRange(0, 90), help="Augmentation: maximum shear angle in degrees (as Keras ImageDataGenerator).")
@@ -73,10 +73,10 @@ ALPHA_HELP = "0.35, 0.5, 0.75, 1.0, 1.3 or 1.4"
 @click.option("--id-pattern", default=None, metavar="REGEX", callback=_checked("mmdx.embed.image_sources", "compile_id_pattern", keep_value=True), help="Regular expression whose first group, searched in the file name, is the patient ID  [default: the file stem, or --id-column for a manifest].")
 @click.option("--id-column", default="patient_id", show_default=True, help="Manifest column with the patient ID.")
 @click.option("--path-column", default="image", show_default=True, help="Manifest column with the image path, relative to the manifest's folder.")
-@click.option("--on-error", type=click.Choice(["fail", "skip"]), default="fail", show_default=True, help="On an unreadable image: stop, or leave it out and list it in --rejects.")
-@click.option("--rejects", type=click.Path(dir_okay=False), default=None, help="CSV of skipped images [default: <store>.rejects-images.csv].")
+@click.option("--on-error", type=click.Choice(["fail", "skip"]), default="fail", show_default=True, help="On an unreadable or missing image: stop, or leave it out and list it in --rejects.")
+@click.option("--rejects", type=click.Path(dir_okay=False), default=None, help="CSV of skipped images, written only when an image is skipped [default: <store>.rejects-images.csv].")
 @click.option("--wait", type=click.FloatRange(min=0), default=0, show_default=True, help="Seconds to wait for another writer's lock on the store.")
-@click.option("--quiet", is_flag=True, help="Hide the progress bar (shown by default).")
+@click.option("-q", "--quiet", is_flag=True, help="Hide the progress bar (shown by default).")
 @report_errors(interrupted=INTERRUPTED_RESUMABLE)
 def images(
     source, store, weights, image_size, alpha, batch_size, random_seed, engine, augment_views, rotation, shift,

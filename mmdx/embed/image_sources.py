@@ -31,7 +31,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from mmdx.embed.runner import Item, sha256_bytes
+from mmdx.embed.runner import Item, ItemFailure, sha256_bytes
 from mmdx.errors import InputError
 
 __all__ = [
@@ -309,6 +309,7 @@ class ImageSource:
     n_skipped_files: int = 0
     config: dict = field(default_factory=dict)  # feature set config entries of the registered formats used
     formats: tuple | None = None  # the formats the items were listed with (None: the registry)
+    missing: list[ItemFailure] = field(default_factory=list)  # manifest rows whose file is missing (on_missing="skip")
 
     def load_pixels(self, item: Item) -> np.ndarray:
         """Load one item's pixels with the formats this source was collected with."""
@@ -322,6 +323,7 @@ def collect_image_items(
     id_column: str = "patient_id",
     path_column: str = "image",
     scanner_options=None,
+    on_missing: str = "fail",
 ) -> ImageSource:
     """List the images of a folder or CSV manifest as items, without decoding them.
 
@@ -341,14 +343,22 @@ def collect_image_items(
     scanner_options : mmdx.embed.scanners.ScannerOptions, optional
         DICOM and NIfTI options for this source only; the registered
         handlers (default options unless changed) when None.
+    on_missing
+        A manifest row whose image file does not exist: ``"fail"`` raises
+        ``InputError``; ``"skip"`` lists it in :attr:`ImageSource.missing`
+        and goes on. A path outside the manifest's folder is an error
+        either way, since it is a mistake in the manifest, not a lost file.
 
     Raises
     ------
     InputError
-        For a missing source, a missing column, an empty ID, a path that does
-        not exist or leaves the manifest's folder, a file name that does not
-        match ``id_pattern``, or an image listed twice for one patient.
+        For a missing source, a missing column, an empty ID, a path that
+        leaves the manifest's folder (or, with ``on_missing="fail"``, does not
+        exist), a file name that does not match ``id_pattern``, or an image
+        listed twice for one patient.
     """
+    if on_missing not in ("fail", "skip"):
+        raise InputError(f"--on-error must be one of fail, skip, got {on_missing!r}")
     path = Path(source)
     pattern = compile_id_pattern(id_pattern)
     formats = tuple(_FORMATS) if scanner_options is None else formats_with_scanner_options(scanner_options)
@@ -357,7 +367,7 @@ def collect_image_items(
     if path.is_file():
         if path.suffix.lower() != ".csv":
             raise InputError(f"{path}: source must be a folder of images or a .csv manifest, got a {path.suffix or 'suffix-less'} file")
-        return _collect_manifest(path, pattern, id_column, path_column, formats)
+        return _collect_manifest(path, pattern, id_column, path_column, formats, on_missing)
     raise InputError(f"{path}: source not found; give a folder of images or a CSV manifest")
 
 
@@ -430,27 +440,27 @@ def _finish_source(
 
 
 def _collect_manifest(
-    manifest: Path, pattern: re.Pattern | None, id_column: str, path_column: str, formats: tuple
+    manifest: Path, pattern: re.Pattern | None, id_column: str, path_column: str, formats: tuple, on_missing: str
 ) -> ImageSource:
+    from mmdx.embed.text_sources import decode_text, read_table
+
     base = Path(os.path.abspath(manifest)).parent
-    with open(manifest, newline="", encoding="utf-8-sig") as handle:
-        reader = csv.DictReader(handle)
-        columns = reader.fieldnames or []
-        needed = [path_column] if pattern is not None else [id_column, path_column]
-        missing = [column for column in needed if column not in columns]
-        if missing:
-            option = {id_column: "--id-column", path_column: "--path-column"}
-            hints = ", ".join(f"{column!r} (set {option[column]})" for column in missing)
-            raise InputError(f"{manifest}: missing column(s) {hints}; columns found: {', '.join(columns) or 'none'}")
-        rows = list(reader)
+    columns, rows = read_table(manifest, decode_text(manifest, manifest.read_bytes(), "utf-8"))
+    needed = [path_column] if pattern is not None else [id_column, path_column]
+    missing_columns = [column for column in needed if column not in columns]
+    if missing_columns:
+        option = {id_column: "--id-column", path_column: "--path-column"}
+        hints = ", ".join(f"{column!r} (set {option[column]})" for column in missing_columns)
+        raise InputError(f"{manifest}: missing column(s) {hints}; columns found: {', '.join(columns) or 'none'}")
     if not rows:
         raise InputError(f"{manifest}: the manifest has no rows")
 
     expanded: list[tuple[_ImageFormat | None, list[Item]]] = []
+    missing_files: list[ItemFailure] = []
     seen: dict[tuple[str, str], int] = {}
-    # Row numbers count the header as row 1, as a spreadsheet shows them.
-    for row_number, row in enumerate(rows, start=2):
-        where = f"{manifest}, row {row_number}"
+    # Line numbers are the file's, header included, as an editor shows them.
+    for line, row in rows:
+        where = f"{manifest}, line {line}"
         given = (row.get(path_column) or "").strip()
         if not given:
             raise InputError(f"{where}: empty {path_column!r}; give the image path relative to {base}")
@@ -464,15 +474,27 @@ def _collect_manifest(
         key = (patient_id, given)
         if key in seen:
             raise InputError(
-                f"{where}: image {given!r} of patient {patient_id!r} is already listed in row {seen[key]}; remove the duplicate row"
+                f"{where}: image {given!r} of patient {patient_id!r} is already listed on line {seen[key]}; "
+                "remove the duplicate row"
             )
-        seen[key] = row_number
+        seen[key] = line
+        if not file_path.is_file():
+            if on_missing == "fail":
+                raise InputError(
+                    f"{where}: image {given!r} not found (looked for {file_path}); fix the path or remove the row, "
+                    "or pass --on-error skip to list missing images in the rejects CSV"
+                )
+            reason = f"image not found (manifest line {line}, looked for {file_path})"
+            missing_files.append(ItemFailure(Item(patient_id, given, "", 0, ImageRef(file_path)), reason))
+            continue
         expanded.append((_format_for(file_path, formats=formats), expand_image_file(file_path, given, patient_id, formats)))
-    return _finish_source(expanded, "manifest", 0, formats)
+    source = _finish_source(expanded, "manifest", 0, formats)
+    source.missing = missing_files
+    return source
 
 
 def _resolve_inside(base: Path, given: str, where: str) -> Path:
-    """Return the absolute path of ``given``, which must name a file under ``base``.
+    """Return the absolute path of ``given``, which must lie under ``base``; it need not exist.
 
     The containment check is lexical (``..`` is resolved, symbolic links are
     not), so a manifest may sit beside a symbolic link to its image folder.
@@ -486,8 +508,6 @@ def _resolve_inside(base: Path, given: str, where: str) -> Path:
             f"{where}: image path {given!r} resolves to {joined}, outside the manifest's folder {base}; "
             "move the image under that folder or the manifest above it"
         )
-    if not joined.is_file():
-        raise InputError(f"{where}: image {given!r} not found (looked for {joined}); fix the path or remove the row")
     return joined
 
 

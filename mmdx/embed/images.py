@@ -141,8 +141,10 @@ def embed_images(
     id_pattern, id_column, path_column
         How patient IDs and image paths are read from the source.
     on_error
-        ``"fail"`` stops at the first unreadable image, ``"skip"`` leaves it
-        out and lists it in ``rejects``.
+        ``"fail"`` stops at the first unreadable image. A manifest row whose
+        file is missing stops it too, before the model is loaded. ``"skip"``
+        leaves such images out and lists them in ``rejects``. A manifest
+        path outside the manifest's folder is an error either way.
     rejects
         CSV of skipped images; defaults to ``<store>.rejects-images.csv``.
     wait
@@ -156,11 +158,23 @@ def embed_images(
     -------
     EmbedReport
         Counts of items found, already stored, embedded and failed.
+
+    Notes
+    -----
+    The set's ``info`` (source, image count, ``n_skipped_files``,
+    ``augment_views``) describes the last run that committed a vector: it
+    is written with the first committed batch, so a run that embeds nothing
+    new (everything stored, or every item failed) leaves it unchanged.
     """
     resolved_weights = _check_options(weights, image_size, alpha, batch_size, augment_views, engine, on_error)
     augment = augment or AugmentSettings()
     found = collect_image_items(
-        source, id_pattern=id_pattern, id_column=id_column, path_column=path_column, scanner_options=scanner_options
+        source,
+        id_pattern=id_pattern,
+        id_column=id_column,
+        path_column=path_column,
+        scanner_options=scanner_options,
+        on_missing=on_error,
     )
     # NOTE: each view decodes and resizes its image again (3 ms of CPU per
     # medpix-mr PNG, measured).
@@ -228,6 +242,7 @@ def embed_images(
                 rejects_path=rejects_path,
                 progress_label="embedding images",
                 quiet=quiet,
+                known_failures=found.missing,
             )
         n_extra = _count_images_with_views_above(feature_store, header.name, int(augment_views))
     if found.n_skipped_files:

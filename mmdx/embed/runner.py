@@ -188,11 +188,11 @@ def embed_items(
             for failure in failures:
                 if on_error == "fail" and failure.skipped is None:
                     others = sum(1 for other in failures if other.skipped is None) - 1
-                    others_note = f"{others} other item(s) of this batch failed too, " if others else ""
+                    others_note = f"{others} other item(s) of this batch failed too; " if others else ""
                     raise InputError(
-                        f"patient {failure.item.patient_id!r}, {failure.item.name}: {failure.reason} "
-                        f"({others_note}nothing from this batch was stored; fix or remove the item, or pass --on-error skip "
-                        "to list every failure in the rejects CSV)"
+                        f"patient {failure.item.patient_id!r}, {failure.item.name}: {failure.reason}. "
+                        f"{others_note}nothing from this batch was stored. Fix or remove the item, or pass "
+                        "--on-error skip to list every failure in the rejects CSV"
                     )
                 logger.warning("skipped patient %r, %s: %s", failure.item.patient_id, failure.item.name, failure.reason)
             report.failures.extend(failures)
