@@ -93,7 +93,7 @@ def test_views_default_uses_every_stored_view(tmp_path):
 def test_views_above_stored_rejected(tmp_path):
     store = tmp_path / "store.h5"
     write_store(store, ["P1", "P2"], n_views=3)
-    with pytest.raises(InputError, match="--views 4 .*holds \\(2\\)"):
+    with pytest.raises(InputError, match="--views 4 .*contains \\(2\\)"):
         load_patient_data(store, {"P1": 0, "P2": 1}, "image", augmented=True, views=4)
 
 

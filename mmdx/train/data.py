@@ -389,7 +389,7 @@ def _attach_augmented(data: PatientData, rows, aggregate: str, store_path, max_v
     if max_view is not None and stored and max_view > stored:
         raise InputError(
             f"{store_path}: --views {max_view} asks for more augmented views than the image set "
-            f"{data.sets['image'].names[0]} holds ({stored}); lower --views or embed with --augment-views {max_view}"
+            f"{data.sets['image'].names[0]} contains ({stored}); lower --views or embed with --augment-views {max_view}"
         )
     if max_view is not None:
         chosen = views <= max_view
