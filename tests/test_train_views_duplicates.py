@@ -53,7 +53,8 @@ def write_store(path, patient_ids, n_views=1, shared=(), text=True):
         if text:
             header = store.ensure_set("text", "coded", {}, 3)
             vectors = np.asarray([[int(p[1:]), 0, 0] for p in patient_ids], np.float32)
-            store.commit(header, list(patient_ids), ["report"] * len(patient_ids), [f"t{p}" for p in patient_ids], vectors)
+            hashes = [f"t{p}" for p in patient_ids]
+            store.commit(header, list(patient_ids), ["report"] * len(patient_ids), hashes, vectors)
 
 
 def write_labels(path, labels):
@@ -181,7 +182,8 @@ def test_duplicate_groups_same_for_every_modality(tmp_path):
     ids = [f"P{i}" for i in range(30)]
     labels = write_labels(tmp_path / "labels.csv", {p: i % 2 for i, p in enumerate(ids)})
     write_store(store, ids, shared=[("P0", "P3"), ("P4", "P9"), ("P10", "P11")])
-    sides = [_sides(train_head(store, labels, "label", modality=m, folds=3, epochs=1)) for m in ("image", "text", "hybrid")]
+    runs = [train_head(store, labels, "label", modality=m, folds=3, epochs=1) for m in ("image", "text", "hybrid")]
+    sides = [_sides(run) for run in runs]
     assert sides[0] == sides[1] == sides[2]
 
 

@@ -23,7 +23,9 @@ from mmdx.errors import InputError
 __all__ = ["duplicate_groups", "patient_folds"]
 
 
-def duplicate_groups(patient_ids: Sequence[str], hashes: Sequence[str], keep: Iterable[str] | None = None) -> list[list[str]]:
+def duplicate_groups(
+    patient_ids: Sequence[str], hashes: Sequence[str], keep: Iterable[str] | None = None
+) -> list[list[str]]:
     """Group the patients that share content, directly or through a chain of shared hashes.
 
     Parameters
