@@ -34,7 +34,8 @@ def test_train_head_refuses_out_that_holds_the_store(synthetic):
     before = store.read_bytes()
     result = CliRunner().invoke(main, train_head_args(store, labels, store.parent))
     assert result.exit_code == 1, result.output
-    assert "contains" in result.output and "m.h5" in result.output
+    assert "contains" in result.output
+    assert "m.h5" in result.output
     assert "Traceback" not in result.output
     assert store.read_bytes() == before
 
@@ -47,7 +48,8 @@ def test_train_head_keeps_foreign_files_in_out(synthetic, tmp_path):
     result = CliRunner().invoke(main, train_head_args(store, labels, keep))
     assert result.exit_code == 1, result.output
     assert result.output.count("\n") == 1
-    assert "mydata.txt" in result.output and "choose a new folder" in result.output
+    assert "mydata.txt" in result.output
+    assert "choose a new folder" in result.output
     assert (keep / "mydata.txt").read_text() == "precious"
     assert not (keep / "metrics.json").exists()
 
@@ -129,3 +131,40 @@ def test_finetune_refuses_out_holding_the_store(tmp_path, data, tiny_base):  # n
     with pytest.raises(MmdxError, match=r"contains .*s.h5"):
         run(data, tiny_base, tmp_path / "ft", store=tmp_path / "ft" / "s.h5")
     assert list((tmp_path / "ft").iterdir()) == []
+
+
+@pytest.mark.parametrize("modality", ["image", "text"])
+def test_train_head_fusion_needs_hybrid(synthetic, tmp_path, modality):
+    store, labels = synthetic
+    result = CliRunner().invoke(main, train_head_args(store, labels, tmp_path / "o", "--modality", modality,
+                                                      "--fusion", "gated"))
+    assert result.exit_code == 2, result.output
+    assert "--fusion gated" in result.output
+    assert f"--modality {modality}" in result.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_train_head_library_fusion_needs_hybrid(synthetic):
+    from mmdx.errors import InputError
+    from mmdx.train.run import train_head
+
+    store, labels = synthetic
+    with pytest.raises(InputError, match="--fusion late .* needs --modality hybrid"):
+        train_head(store, labels, "group", positive="pos", modality="text", fusion="late")
+
+
+def test_train_head_without_out_says_nothing_written(synthetic, tmp_path):
+    store, labels = synthetic
+    args = train_head_args(store, labels, tmp_path / "o")
+    args = args[: args.index("--out")] + args[args.index("--out") + 2:]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert result.stderr.strip().splitlines()[-1] == "no --out given, so nothing was written"
+    assert "no --out given" not in result.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["labels.csv", "r2"]
+
+
+def test_out_help_says_nothing_written_without_it():
+    for command in ("train-head", "compare"):
+        result = CliRunner().invoke(main, [command, "--help"])
+        assert "Without --out nothing is written." in " ".join(result.output.split()), command

@@ -77,7 +77,9 @@ def head_options(multiple_fusions: bool):
               help="How to combine a patient's image vectors, and a patient's text vectors, into one.")
 @click.option("--bootstrap", type=click.IntRange(min=100), default=2000, show_default=True, help="Resamples of the paired bootstrap.")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
-              help="Output folder for table.md, table.csv, tests.csv, compare.json, roc.png and one folder per head (replaced atomically).")
+              help="Output folder for table.md, table.csv, tests.csv, compare.json, roc.png and one folder per head, "
+              "replaced atomically; an existing folder must be empty or an earlier mmdx output. "
+              "Without --out nothing is written.")
 @click.option("--jobs", type=click.IntRange(min=0), default=0, show_default=True,
               help="Folds trained at once in worker processes; 0 means one per CPU core. Results do not depend on it.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
@@ -105,3 +107,5 @@ def compare(labels_path, quiet, fusions, **options) -> None:
     click.echo(format_markdown(result), nl=False)
     if options["out"]:
         click.echo(f"wrote {options['out']}")
+    else:
+        click.echo("no --out given, so nothing was written", err=True)

@@ -46,7 +46,8 @@ METRIC_LABELS = {
     "--out",
     type=click.Path(file_okay=False),
     default=None,
-    help="Output folder for metrics.json, predictions.csv and config.json (replaced atomically).",
+    help="Output folder for metrics.json, predictions.csv and config.json, replaced atomically; an existing "
+    "folder must be empty or an earlier mmdx output. Without --out nothing is written.",
 )
 @click.option("--image-set", default=None, help="Image feature set to use, where the store has several.")
 @click.option(
@@ -99,6 +100,11 @@ def train_head(labels_path, quiet, **options) -> None:
     mean ± std over folds and repeats, and writes metrics.json,
     predictions.csv (out-of-fold) and config.json into --out.
     """
+    if options["fusion"] != "concat" and options["modality"] != "hybrid":
+        raise click.UsageError(
+            f"--fusion {options['fusion']} combines image and text vectors, so it needs --modality hybrid, "
+            f"got --modality {options['modality']}; leave --fusion out for a unimodal head"
+        )
     from tqdm import tqdm
 
     from mmdx.train.run import train_head as run_train_head
@@ -120,6 +126,8 @@ def train_head(labels_path, quiet, **options) -> None:
     click.echo(format_table([report]))
     if options["out"]:
         click.echo(f"wrote {options['out']}")
+    else:
+        click.echo("no --out given, so nothing was written", err=True)
 
 
 def format_table(reports: list[dict]) -> str:

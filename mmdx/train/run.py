@@ -234,6 +234,11 @@ def _check_options(config: dict) -> None:
         raise InputError(f"--learning-rate must be positive, got {config['learning_rate']}")
     if config["augmented"] and config["modality"] == "text":
         raise InputError("--augmented uses augmented image views; use it with --modality image or hybrid")
+    if config["fusion"] != "concat" and config["modality"] != "hybrid":
+        raise InputError(
+            f"--fusion {config['fusion']} combines image and text vectors, so it needs --modality hybrid, "
+            f"got --modality {config['modality']}; leave --fusion out for a unimodal head"
+        )
     if config["augmented"] and config["keep_missing"]:
         raise InputError("--keep-missing cannot be combined with --augmented; drop one of them")
     if config["duplicates"] not in DUPLICATES:
