@@ -91,7 +91,8 @@ def detect_format(path: Path, source_format: str | None) -> str:
     return _EXTENSIONS[suffix]
 
 
-def _decode(path: Path, data: bytes, encoding: str) -> str:
+def decode_text(path: Path, data: bytes, encoding: str) -> str:
+    """Decode a source file; an undecodable byte is an ``InputError`` that says how to repair the file."""
     try:
         is_utf8 = codecs.lookup(encoding).name in ("utf-8", "utf-8-sig")
     except LookupError:
@@ -132,7 +133,7 @@ def _utf8_advice(where: str, data: bytes) -> str:
     )
 
 
-def _read_table(path: Path, text: str, delimiter: str) -> tuple[list[str], list[tuple[int, dict]]]:
+def read_table(path: Path, text: str, delimiter: str = ",") -> tuple[list[str], list[tuple[int, dict]]]:
     """Return the columns and ``(line, row)`` pairs, ``line`` being the file line where the row starts.
 
     Blank lines are skipped. A row longer than the header is an error; a
@@ -239,12 +240,12 @@ def read_text_source(
     if not path.is_file():
         raise InputError(f"{path}: text source not found; check the path")
     kind = detect_format(path, source_format)
-    text = _decode(path, path.read_bytes(), encoding)
+    text = decode_text(path, path.read_bytes(), encoding)
 
     if kind == "jsonl":
         columns, rows = _read_json_lines(path, text)
     else:
-        columns, rows = _read_table(path, text, "\t" if kind == "tsv" else ",")
+        columns, rows = read_table(path, text, "\t" if kind == "tsv" else ",")
     _check_columns(path, columns, id_column, text_columns)
 
     texts: list[SourceText] = []
