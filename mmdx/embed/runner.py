@@ -209,6 +209,8 @@ def embed_items(
                 report.n_changed += sum(1 for item in done if item.key in stored)
             bar.update(len(done) + len(failures))
 
+    # NOTE: a rejects file left by an earlier run stays when this run rejects
+    # nothing, so it may list items that are now fixed.
     if report.failures and rejects_path is not None:
         report.rejects_path = str(write_rejects(report.failures, Path(rejects_path)))
     return report
