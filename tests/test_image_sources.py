@@ -54,6 +54,15 @@ def test_folder_with_class_subfolders(tmp_path):
     assert all(item.view == 0 for item in found.items)
 
 
+def test_folder_skips_hidden_folders(tmp_path):
+    write_png(tmp_path / "glioma" / "a.png")
+    write_png(tmp_path / "glioma" / ".ipynb_checkpoints" / "a-checkpoint.png")
+    write_png(tmp_path / ".hidden.png")
+    found = collect_image_items(tmp_path)
+    assert [item.name for item in found.items] == ["glioma/a.png"]
+    assert found.n_skipped_files == 2
+
+
 def test_folder_flat_hashes_file_bytes(tmp_path):
     path = write_png(tmp_path / "007.png", 1)
 

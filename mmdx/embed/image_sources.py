@@ -400,8 +400,10 @@ def _collect_folder(folder: Path, pattern: re.Pattern | None, formats: tuple) ->
     expanded: list[tuple[_ImageFormat | None, list[Item]]] = []
     n_skipped = 0
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        name = path.relative_to(folder).as_posix()
-        if not is_image_name(path, formats):
+        relative = path.relative_to(folder)
+        name = relative.as_posix()
+        # Hidden files and folders (.ipynb_checkpoints, .git, ...) hold copies and tool state, not data.
+        if any(part.startswith(".") for part in relative.parts) or not is_image_name(path, formats):
             n_skipped += 1
             logger.debug("skipped non-image file %s", name)
             continue
