@@ -6,6 +6,8 @@ import csv
 import json
 import shutil
 import string
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -159,6 +161,102 @@ def test_row_order_does_not_change_vectors(tmp_path, tiny_bert):
     assert set(first) == set(second)
     for key in first:
         np.testing.assert_allclose(first[key], second[key], atol=1e-6)
+
+
+class ConcurrencyProbe:
+    """Wrap a tokenizer: count how many calls overlap and which threads make them."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.lock = threading.Lock()
+        self.active = 0
+        self.max_active = 0
+        self.threads = set()
+
+    def __call__(self, *args, **kwargs):
+        with self.lock:
+            self.active += 1
+            self.max_active = max(self.max_active, self.active)
+            self.threads.add(threading.current_thread().name)
+        try:
+            time.sleep(0.02)  # widen the window in which an unlocked call would overlap
+            return self.tokenizer(*args, **kwargs)
+        finally:
+            with self.lock:
+                self.active -= 1
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+
+def many_reports(n):
+    return [
+        {"patient_id": f"p{i:02d}", "history": REPORTS[i % 4]["history"], "findings": REPORTS[i % 4]["findings"] + " lobe" * i}
+        for i in range(n)
+    ]
+
+
+def test_threaded_batches_match_sequential_run(tmp_path, tiny_bert, monkeypatch):
+    import mmdx.embed.texts as texts
+
+    source = write_reports(tmp_path / "reports.csv", many_reports(10))
+    monkeypatch.setattr(texts, "available_cpus", lambda: 1)
+    embed(source, tmp_path / "sequential.h5", tiny_bert, pooling="mean", batch_size=2)
+    monkeypatch.setattr(texts, "available_cpus", lambda: 4)
+    embed(source, tmp_path / "threaded.h5", tiny_bert, pooling="mean", batch_size=2)
+    sequential, _ = vectors_by_key(tmp_path / "sequential.h5")
+    threaded, _ = vectors_by_key(tmp_path / "threaded.h5")
+    assert list(threaded) == list(sequential)
+    for key in sequential:
+        np.testing.assert_allclose(threaded[key], sequential[key], atol=1e-6)
+
+
+def test_threaded_encode_order_and_lock(tmp_path, tiny_bert):
+    import dataclasses
+
+    import torch
+
+    from mmdx.embed.runner import Item
+    from mmdx.embed.texts import load_text_encoder, make_text_encode
+
+    encoder = load_text_encoder(str(tiny_bert))
+    rows = many_reports(9)
+    items = [Item(row["patient_id"], "text 1", "", 0, row["history"] + " " + row["findings"]) for row in rows]
+    batches = [items[i : i + 2] for i in range(0, len(items), 2)]
+    probe = ConcurrencyProbe(encoder.tokenizer)
+    threads_before = torch.get_num_threads()
+    threaded = list(make_text_encode(dataclasses.replace(encoder, tokenizer=probe), 64, "cls", workers=3)(batches))
+    sequential = list(make_text_encode(encoder, 64, "cls", workers=1)(batches))
+    assert torch.get_num_threads() == threads_before
+    assert [done for done, _, _ in threaded] == batches
+    assert len(probe.threads) > 1, "batches did not run in several threads"
+    assert probe.max_active == 1, "the tokenizer was called from two threads at once"
+    for (_, got, failures), (_, expected, _) in zip(threaded, sequential):
+        assert failures == []
+        np.testing.assert_allclose(got, expected, atol=1e-6)
+
+
+def test_token_lengths_counted_in_chunks(tiny_bert):
+    from transformers import AutoTokenizer
+
+    from mmdx.embed.texts import token_lengths
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_bert))
+    texts = [row["findings"] for row in many_reports(7)]
+    calls = []
+
+    def spy(batch, **kwargs):
+        calls.append((len(batch), kwargs))
+        return tokenizer(batch, **kwargs)
+
+    lengths = token_lengths(spy, texts, chunk_size=3)
+    assert lengths == [len(tokenizer(text)["input_ids"]) for text in texts]
+    assert [size for size, _ in calls] == [3, 3, 1]
+    assert all(kwargs["return_attention_mask"] is False for _, kwargs in calls)
+    assert all(kwargs["truncation"] is False for _, kwargs in calls)
+    assert token_lengths(spy, []) == []
+    with pytest.raises(InputError, match="chunk_size must be at least 1, got 0"):
+        token_lengths(spy, texts, chunk_size=0)
 
 
 def test_cased_vocab_not_lower_cased(tmp_path, tiny_bert):

@@ -5,8 +5,9 @@ Each distinct text of a patient becomes one item (see
 named). Texts are tokenized once to count truncation and to plan batches:
 the plan sorts texts by token length, then by (patient ID, item), and cuts
 it into batches of ``batch_size``, so each batch pads only to its own
-longest text. Vectors are stored by patient ID, so the batch order never
-changes which vector a patient gets.
+longest text. Batches run in threads, one torch thread each, and are
+committed in plan order. Vectors are stored by patient ID, so the batch
+order never changes which vector a patient gets.
 """
 
 from __future__ import annotations
@@ -17,12 +18,14 @@ import json
 import logging
 import os
 import re
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from mmdx.embed.engines import available_cpus, map_in_threads, torch_threads
 from mmdx.embed.runner import EmbedReport, Item, ItemFailure, embed_items, sha256_text
 from mmdx.embed.text_sources import JOIN_RULE, read_text_source
 from mmdx.errors import InputError
@@ -41,6 +44,7 @@ OFFLINE_MINILM_HINT = (
 _WEIGHT_FILE = re.compile(r".*\.(safetensors|bin|pt|pth|h5|msgpack)$")
 _GENERIC_FOLDER = re.compile(r"^(model|models|weights|checkpoint.*|fold-\d+|final|best)$", re.IGNORECASE)
 _TRUNCATED_LOGGED = 5
+LENGTH_CHUNK = 1024  # texts per tokenizer call when counting lengths
 
 
 @dataclass
@@ -245,12 +249,27 @@ def pool_hidden(hidden, attention_mask, pooling: str):
     return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
 
 
-def token_lengths(tokenizer, texts: list[str]) -> list[int]:
-    """Count tokens of each text, special tokens included, without truncation."""
-    if not texts:
-        return []
-    encoded = tokenizer(texts, add_special_tokens=True, truncation=False, verbose=False)
-    return [len(ids) for ids in encoded["input_ids"]]
+def token_lengths(tokenizer, texts: list[str], chunk_size: int = LENGTH_CHUNK) -> list[int]:
+    """Count tokens of each text, special tokens included, without truncation.
+
+    Texts are tokenized ``chunk_size`` at a time without attention masks or
+    token type IDs, so only the lengths outlive a chunk and memory does not
+    grow with the number of texts beyond the returned list.
+    """
+    if chunk_size < 1:
+        raise InputError(f"chunk_size must be at least 1, got {chunk_size}")
+    lengths: list[int] = []
+    for start in range(0, len(texts), chunk_size):
+        encoded = tokenizer(
+            texts[start : start + chunk_size],
+            add_special_tokens=True,
+            truncation=False,
+            return_attention_mask=False,
+            return_token_type_ids=False,
+            verbose=False,
+        )
+        lengths.extend(len(ids) for ids in encoded["input_ids"])
+    return lengths
 
 
 def length_sorted_batches(items: list[Item], lengths: dict, batch_size: int) -> list[list[Item]]:
@@ -288,15 +307,22 @@ def check_text_options(pooling: str, batch_size: int, max_length: int | None) ->
         raise InputError(f"--max-length must be at least 2 tokens, got {max_length}")
 
 
-def make_text_encode(encoder: TextEncoder, max_length: int, pooling: str):
+def make_text_encode(encoder: TextEncoder, max_length: int, pooling: str, workers: int | None = None):
     """Return the ``encode`` generator function for :func:`mmdx.embed.runner.embed_items`.
 
     Every item must have a non-empty text; empty texts are left out before.
+    Whole batches run in ``workers`` threads (default: the CPUs this process
+    may use, at most one per batch) with one torch thread each, and come back
+    in batch order, so commits stay in the planned order. Tokenizing runs
+    under a lock because a fast tokenizer changes its own padding and
+    truncation state on each call. The model and the pooling run in parallel.
     """
     import torch
 
-    def encode(batches: list[list[Item]]):
-        for batch in batches:
+    tokenizer_lock = threading.Lock()
+
+    def encode_batch(batch: list[Item]):
+        with tokenizer_lock:
             inputs = encoder.tokenizer(
                 [item.payload for item in batch],
                 padding=True,
@@ -304,10 +330,17 @@ def make_text_encode(encoder: TextEncoder, max_length: int, pooling: str):
                 max_length=max_length,
                 return_tensors="pt",
             )
-            with torch.inference_mode():
-                hidden = encoder.model(**inputs).last_hidden_state
-                vectors = pool_hidden(hidden, inputs["attention_mask"], pooling).float().numpy()
-            yield batch, vectors, []
+        with torch.inference_mode():
+            hidden = encoder.model(**inputs).last_hidden_state
+            vectors = pool_hidden(hidden, inputs["attention_mask"], pooling).float().numpy()
+        return batch, vectors, []
+
+    def encode(batches: list[list[Item]]):
+        count = available_cpus() if workers is None else workers
+        count = max(1, min(count, len(batches)))
+        # A single batch may use every torch thread. Several batches share the cores, one torch thread each.
+        with torch_threads(1) if count > 1 else contextlib.nullcontext():
+            yield from map_in_threads(encode_batch, batches, workers=count)
 
     return encode
 
