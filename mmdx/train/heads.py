@@ -251,18 +251,86 @@ class ConcatHead:
         m = np.zeros_like(self._flat)
         v = np.zeros_like(self._flat)
         grads = np.empty_like(self._flat)
-        grad_views = self._views(grads)
+        step_gradients = self._step_gradients(grads)
         step = 0
         # Multi-threaded BLAS only adds synchronisation cost at batch size 32.
         with threadpool_limits(1, user_api="blas"):
             for order in self.epoch_orders(n, rng):
                 for start in range(0, n, self.batch_size):
-                    index = order[start : start + self.batch_size]
-                    batches = {name: x[index] for name, x in inputs.items()}
-                    self.loss_and_gradients(batches, y[index], out=grads, out_views=grad_views)
+                    step_gradients(inputs, y, order[start : start + self.batch_size])
                     step += 1
                     adam_step(self._flat, grads, m, v, step, self.learning_rate)
         return self
+
+    def _step_gradients(self, grads: np.ndarray) -> Callable[[Mapping[str, np.ndarray], np.ndarray, np.ndarray], None]:
+        """Return a function that writes the gradient of one training batch into ``grads``.
+
+        It makes the NumPy and BLAS calls of :meth:`loss_and_gradients` in the
+        same order, so the gradients are bit-identical. It skips the loss, and
+        it writes every intermediate result into buffers allocated here once
+        instead of new arrays per batch.
+        """
+        names = list(self.widths)
+        units = self.hidden_units
+        rows = self.batch_size
+        views = self._views(grads)
+        kernels = [self.params[f"{name}/kernel"] for name in names]
+        biases = [self.params[f"{name}/bias"] for name in names]
+        output_kernel = self.params["output/kernel"]
+        output_bias = self.params["output/bias"]
+        # Each modality's slice of the output kernel, transposed to a (1, units) matrix.
+        output_rows = [output_kernel[p * units : (p + 1) * units].T for p in range(len(names))]
+        kernel_grads = [views[f"{name}/kernel"] for name in names]
+        bias_grads = [views[f"{name}/bias"] for name in names]
+        output_kernel_grad = views["output/kernel"]
+        output_bias_grad = views["output/bias"]
+        x_rows = [np.empty((rows, width), dtype=np.float32) for width in self.widths.values()]
+        hidden = [np.empty((rows, units), dtype=np.float32) for _ in names]
+        joined = np.empty((rows, units * len(names)), dtype=np.float32) if len(names) > 1 else hidden[0]
+        d_hidden = np.empty((rows, units), dtype=np.float32)
+        active = np.empty((rows, units), dtype=bool)
+        logits = np.empty((rows, 1), dtype=np.float32)
+        exp_buffer = np.empty(rows, dtype=np.float32)
+        y_rows = np.empty(rows, dtype=np.float32)
+
+        def compute(inputs: Mapping[str, np.ndarray], y: np.ndarray, index: np.ndarray) -> None:
+            k = len(index)
+            batch = [np.take(inputs[name], index, axis=0, out=x[:k], mode="clip") for name, x in zip(names, x_rows)]
+
+            for x, kernel, bias, z in zip(batch, kernels, biases, hidden):
+                np.matmul(x, kernel, out=z[:k])
+                z[:k] += bias
+                np.maximum(z[:k], 0.0, out=z[:k])
+            if len(names) > 1:
+                np.concatenate([z[:k] for z in hidden], axis=1, out=joined[:k])
+            h = joined[:k]
+            np.matmul(h, output_kernel, out=logits[:k])
+
+            # The sigmoid of _forward and _sigmoid, step by step.
+            e = exp_buffer[:k]
+            np.add(logits[:k, 0], output_bias[0], out=e)
+            np.negative(e, out=e)
+            with np.errstate(over="ignore"):
+                np.exp(e, out=e)
+            e += np.float32(1.0)
+            np.divide(np.float32(1.0), e, out=e)
+
+            # d loss / d logit of the mean cross-entropy of a sigmoid output.
+            d_logits = logits[:k]
+            np.subtract(e, np.take(y, index, out=y_rows[:k], mode="clip"), out=d_logits[:, 0])
+            d_logits /= np.float32(k)
+            np.matmul(h.T, d_logits, out=output_kernel_grad)
+            output_bias_grad[0] = d_logits.sum()
+
+            for x, z, row, kernel_grad, bias_grad in zip(batch, hidden, output_rows, kernel_grads, bias_grads):
+                d = d_hidden[:k]
+                np.matmul(d_logits, row, out=d)
+                np.greater(z[:k], 0, out=active[:k])
+                d *= active[:k]
+                np.matmul(x.T, d, out=kernel_grad)
+                np.sum(d, axis=0, out=bias_grad)
+
+        return compute
 
     def epoch_orders(self, n: int, rng: np.random.Generator):
         """Yield one shuffled order of the ``n`` training rows per epoch."""
