@@ -252,8 +252,7 @@ def embed_images(
         report.extra["augmented views per image"] = int(augment_views)
     if n_extra:
         # Kept on purpose, because they are vectors of this same config.
-        # NOTE: readers get every stored view; train-head --augmented has no
-        # cap at K yet, so it trains on these views too.
+        # train-head --augmented reads every stored view unless --views caps it.
         report.extra[f"images with stored views above {int(augment_views)}"] = n_extra
         logger.info(
             "%s: %d images have stored views above --augment-views %d from an earlier run. "
