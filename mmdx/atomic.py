@@ -24,7 +24,7 @@ from typing import Iterable, Iterator
 
 from mmdx.errors import MmdxError
 
-__all__ = ["MARKER", "atomic_dir", "check_output_dir"]
+__all__ = ["MARKER", "atomic_dir", "check_output_dir", "fsync_path"]
 
 MARKER = ".mmdx-output.json"
 
@@ -90,7 +90,7 @@ def atomic_dir(
                 _replace_existing(staging, target)
             else:
                 os.replace(staging, target)
-            _fsync_dir(target.parent)
+            fsync_path(target.parent)
         except OSError as exc:
             raise _swap_error(target, exc) from exc
     finally:
@@ -256,12 +256,13 @@ def _fsync_tree(folder: Path) -> None:
             with open(path, "rb") as handle:
                 os.fsync(handle.fileno())
         elif path.is_dir():
-            _fsync_dir(path)
-    _fsync_dir(folder)
+            fsync_path(path)
+    fsync_path(folder)
 
 
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
+def fsync_path(path: Path) -> None:
+    """Flush a file's or a folder's data (a folder's entries, after a rename) to disk."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:

@@ -31,6 +31,7 @@ import h5py
 import numpy as np
 
 from mmdx import __version__
+from mmdx.atomic import fsync_path
 from mmdx.errors import StoreError
 
 __all__ = [
@@ -199,22 +200,6 @@ def _contiguous(shards: list[Path], after: int) -> bool:
     return [shard_sequence(p) for p in shards] == list(expected)
 
 
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _open_h5(path: Path, mode: str = "r") -> h5py.File:
     try:
         return h5py.File(path, mode, locking=False)
@@ -331,7 +316,7 @@ def write_shard(store_path: Path, header: SetHeader, rows: Rows, sequence: int |
     try:
         if not folder.is_dir():
             folder.mkdir()
-            _fsync_dir(folder.parent)
+            fsync_path(folder.parent)
         with h5py.File(temporary, "w", locking=False) as handle:
             handle.attrs["mmdx_format_version"] = FORMAT_VERSION
             handle.attrs["set_name"] = header.name
@@ -341,9 +326,9 @@ def write_shard(store_path: Path, header: SetHeader, rows: Rows, sequence: int |
                 group.attrs[key] = value
             _create_row_datasets(group, header.width)
             _append_rows(group, rows)
-        _fsync_file(temporary)
+        fsync_path(temporary)
         os.replace(temporary, final)
-        _fsync_dir(folder)
+        fsync_path(folder)
     except OSError as exc:
         temporary.unlink(missing_ok=True)
         raise StoreError(
@@ -533,7 +518,7 @@ def rebuild_main(store_path: Path, drop: Iterable[str] = (), extra: Iterable[Fea
                     _merge_group(root, header, _read_rows(group, True, str(shard)), str(shard))
             for feature_set in extra:
                 _merge_group(root, feature_set.header, feature_set.rows, "merge")
-        _fsync_file(temporary)
+        fsync_path(temporary)
         os.replace(temporary, store_path)
     except BaseException as exc:
         temporary.unlink(missing_ok=True)
@@ -543,7 +528,7 @@ def rebuild_main(store_path: Path, drop: Iterable[str] = (), extra: Iterable[Fea
                 "so free disk space or fix permissions and run again"
             ) from exc
         raise
-    _fsync_dir(store_path.parent)
+    fsync_path(store_path.parent)
     for shard in list_shards(store_path):
         if shard_sequence(shard) <= folded:
             shard.unlink(missing_ok=True)
