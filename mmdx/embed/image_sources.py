@@ -21,7 +21,6 @@ the registry unchanged.
 
 from __future__ import annotations
 
-import csv
 import logging
 import os
 import re

@@ -16,14 +16,11 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from mmdx.embed.engines import available_cpus, map_in_threads, torch_threads
 from mmdx.embed.runner import EmbedReport, Item, ItemFailure, embed_items, sha256_text
@@ -155,11 +152,7 @@ def set_torch_threads() -> None:
     """Use every core this process may run on for torch's CPU kernels."""
     import torch
 
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count() or 1
-    torch.set_num_threads(max(1, cores))
+    torch.set_num_threads(available_cpus())
 
 
 def load_text_encoder(model: str, max_length: int | None = None) -> TextEncoder:

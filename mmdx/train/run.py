@@ -6,13 +6,13 @@ import csv
 import json
 import logging
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 from mmdx import __version__
 from mmdx.atomic import atomic_dir, check_output_dir
+from mmdx.embed.engines import available_cpus
 from mmdx.errors import InputError
 from mmdx.train.cv import METRIC_NAMES, THRESHOLD, CVResult, cross_validate, restricted_folds
 from mmdx.train.data import AGGREGATES, MODALITIES, PatientData, load_patient_data, store_duplicate_groups
@@ -211,8 +211,8 @@ def train_head(
 
     if head_factory is None:
         head_factory = make_head_factory(fusion, fusion_options, masked=MASK_KEY in data.x)
-    n_jobs = jobs if jobs > 0 else len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    cv = cross_validate(data, head_factory, folds, seed, repeats, on_fold_done=on_fold_done, n_jobs=n_jobs or 1)
+    n_jobs = jobs if jobs > 0 else available_cpus()
+    cv = cross_validate(data, head_factory, folds, seed, repeats, on_fold_done=on_fold_done, n_jobs=n_jobs)
 
     report = _report(config, data, cv, leaks.leaked, leaks.findings, len(groups))
     result = TrainHeadResult(report, config, cv, data)
