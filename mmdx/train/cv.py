@@ -202,7 +202,7 @@ def cross_validate(
     return CVResult(predictions, fold_metrics, summarize(fold_metrics))
 
 
-# What the fold workers need. Forked workers inherit it, so neither the data
+# State shared with the fold workers. Forked workers inherit it, so neither the data
 # nor the head factory (often a closure) has to be pickled.
 _SHARED: tuple | None = None
 

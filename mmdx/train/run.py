@@ -38,7 +38,7 @@ DUPLICATES = ("group", "ignore")
 
 @dataclass
 class TrainHeadResult:
-    """What :func:`train_head` computed: the report (``metrics.json``), the CV result and the inputs."""
+    """Output of :func:`train_head`: the report (``metrics.json``), the CV result and the inputs."""
 
     report: dict
     config: dict
