@@ -18,7 +18,8 @@ from PIL import Image
 
 from mmdx.cli import main
 from mmdx.embed.images import embed_images, prepare_image, preprocess_batch
-from mmdx.embed.image_sources import expand_image_file
+from mmdx.embed.image_sources import expand_image_file, load_pixels
+from mmdx.embed.pixels import decode_jpeg_like_keras
 from mmdx.errors import InputError
 from mmdx.store import FeatureStore
 
@@ -100,14 +101,15 @@ def write_mode_samples(folder: Path) -> list[Path]:
     return paths + [folder / "cmyk.jpg", folder / "deep.png", folder / "rotated.jpg"]
 
 
-def test_all_modes_scale_to_unit_range(tmp_path):
+@pytest.mark.parametrize("preprocessing, dtype", [("keras", np.float32), ("pillow", np.uint8)])
+def test_all_modes_scale_to_unit_range(tmp_path, preprocessing, dtype):
     paths = write_mode_samples(tmp_path)
 
-    batch = np.stack([prepare_image(expand_image_file(p, p.name, "p")[0], 32) for p in paths])
+    batch = np.stack([prepare_image(expand_image_file(p, p.name, "p")[0], 32, preprocessing=preprocessing) for p in paths])
     scaled = preprocess_batch(batch)
 
     assert batch.shape == (len(paths), 32, 32, 3)
-    assert batch.dtype == np.uint8
+    assert batch.dtype == dtype
     assert scaled.dtype == np.float32
     assert scaled.min() >= -1.0
     assert scaled.max() <= 1.0
@@ -122,13 +124,76 @@ def test_preprocess_input_endpoints():
     assert scaled[0, 0, :, 0].tolist() == pytest.approx([-1.0, 51 / 127.5 - 1.0, 1.0])
 
 
-def test_resize_is_bilinear(tmp_path):
+def test_pillow_resize_is_pillow_bilinear(tmp_path):
     path = write_image(tmp_path / "a.png", 1, size=(64, 48))
     expected = np.asarray(Image.open(path).resize((32, 32), Image.Resampling.BILINEAR))
 
-    resized = prepare_image(expand_image_file(path, "a.png", "p")[0], 32)
+    resized = prepare_image(expand_image_file(path, "a.png", "p")[0], 32, preprocessing="pillow")
 
     assert np.array_equal(resized, expected)
+
+
+@pytest.mark.parametrize("name, size", [("a.jpg", (200, 150)), ("b.png", (64, 48)), ("grey.jpg", (40, 300))])
+def test_keras_preprocessing_matches_pipeline_pixels(tmp_path, name, size):
+    # image_dataset_from_directory decodes with decode_image(channels=3) and
+    # resizes with tf.image.resize(bilinear); the pixels must be equal.
+    import tensorflow as tf
+
+    mode = "L" if name.startswith("grey") else "RGB"
+    pixels = np.random.default_rng(5).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    image = Image.fromarray(pixels).convert(mode)
+    smooth = image.resize((size[0] // 4, size[1] // 4)).resize(size)  # JPEG-friendly content
+    smooth.save(tmp_path / name, quality=90)
+    expected = tf.image.resize(
+        tf.io.decode_image(tf.io.read_file(str(tmp_path / name)), channels=3, expand_animations=False),
+        (128, 128),
+        method="bilinear",
+    ).numpy()
+
+    resized = prepare_image(expand_image_file(tmp_path / name, name, "p")[0], 128, preprocessing="keras")
+
+    assert resized.dtype == np.float32
+    assert np.array_equal(resized, expected)
+
+
+def test_keras_jpeg_decoding_differs_from_pillow(tmp_path):
+    # The reason the keras mode exists: TensorFlow's JPEG decoder (fast
+    # integer DCT) and Pillow's (accurate DCT) give different pixels.
+    pixels = np.random.default_rng(6).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "a.jpg", quality=95)
+    item = expand_image_file(tmp_path / "a.jpg", "a.jpg", "p")[0]
+
+    keras_pixels = load_pixels(item, jpeg_decoder="tensorflow")
+    pillow_pixels = load_pixels(item, jpeg_decoder="pillow")
+
+    assert keras_pixels.shape == pillow_pixels.shape == (64, 64, 3)
+    assert not np.array_equal(keras_pixels, pillow_pixels)
+    assert np.abs(keras_pixels.astype(int) - pillow_pixels.astype(int)).max() <= 16
+
+
+def test_keras_jpeg_decoding_keeps_orientation(tmp_path):
+    pixels = np.random.default_rng(7).integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(pixels).save(tmp_path / "r.jpg", exif=exif.tobytes(), quality=100)
+    item = expand_image_file(tmp_path / "r.jpg", "r.jpg", "p")[0]
+
+    upright = load_pixels(item, jpeg_decoder="tensorflow")
+
+    # Orientation 6 is turned upright by a clockwise quarter turn, as Pillow does.
+    assert np.array_equal(upright, np.rot90(decode_jpeg_like_keras((tmp_path / "r.jpg").read_bytes()), -1))
+    assert upright.shape == load_pixels(item).shape == (30, 20, 3)
+
+
+def test_keras_jpeg_decoding_rejects_truncated_file(tmp_path):
+    pixels = np.random.default_rng(8).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "t.jpg")
+    data = (tmp_path / "t.jpg").read_bytes()
+    (tmp_path / "t.jpg").write_bytes(data[: len(data) // 2])
+    item = expand_image_file(tmp_path / "t.jpg", "t.jpg", "p")[0]
+
+    with pytest.raises(ValueError, match="truncated or corrupt JPEG"):
+        load_pixels(item, jpeg_decoder="tensorflow")
 
 
 # Embedding ------------------------------------------------------------------------
@@ -170,11 +235,34 @@ def test_feature_set_config_identity(class_folder, tmp_path):
     assert info.config["image_size"] == 32
     assert info.config["scaling"] == "mobilenet_v2.preprocess_input"
     assert info.config["pooling"] == "avg"
-    assert "BILINEAR" in info.config["resize"]
+    assert info.config["preprocessing"] == "keras"
+    assert "tf.image.resize bilinear" in info.config["resize"]
     assert set(info.config["versions"]) >= {"tensorflow", "keras"}
     assert info.config["augmentation"]["seed"] == 0
     assert info.info["n_images"] == 5
     assert info.info["engine"] == "keras"
+
+
+def test_pillow_preprocessing_keeps_earlier_config(class_folder, tmp_path):
+    store = tmp_path / "s.h5"
+    keras_report = embed_images(class_folder, store, **TINY)
+    pillow_report = embed_images(class_folder, store, preprocessing="pillow", **TINY)
+
+    sets = {info.name: info for info in FeatureStore(store).list_sets()}
+
+    assert keras_report.feature_set != pillow_report.feature_set
+    assert pillow_report.n_embedded == 5
+    # Sets written before --preprocessing existed had exactly these entries,
+    # so they keep their names and are found again with --preprocessing pillow.
+    pillow_config = sets[pillow_report.feature_set].config
+    assert "preprocessing" not in pillow_config and "jpeg_decoder" not in pillow_config
+    assert pillow_config["resize"] == "Pillow BILINEAR to image_size x image_size, aspect ratio not kept"
+
+
+def test_unknown_preprocessing_raises_input_error(class_folder, tmp_path):
+    with pytest.raises(InputError, match="--preprocessing must be one of keras, pillow"):
+        embed_images(class_folder, tmp_path / "s.h5", preprocessing="opencv", **TINY)
+    assert not (tmp_path / "s.h5").exists()
 
 
 def test_other_seed_makes_other_feature_set(class_folder, tmp_path):
@@ -603,8 +691,10 @@ def test_cli_alpha_help_lists_mobilenet_alphas():
 
 @pytest.mark.slow
 @pytest.mark.shared_data
-def test_medpix_vectors_match_keras_predict(shared_data, shared_mobilenet_weights, tmp_path):
+@pytest.mark.parametrize("preprocessing", ["keras", "pillow"])
+def test_medpix_vectors_match_keras_predict(shared_data, shared_mobilenet_weights, tmp_path, preprocessing):
     import keras
+    import tensorflow as tf
 
     source = shared_data / "medpix-mr"
     with open(source / "images.csv", newline="") as handle:
@@ -623,7 +713,9 @@ def test_medpix_vectors_match_keras_predict(shared_data, shared_mobilenet_weight
         writer.writeheader()
         writer.writerows(chosen)
 
-    embed_images(manifest, tmp_path / "s.h5", weights=shared_mobilenet_weights, engine="keras", quiet=True)
+    embed_images(
+        manifest, tmp_path / "s.h5", weights=shared_mobilenet_weights, engine="keras", preprocessing=preprocessing, quiet=True
+    )
 
     stored = read_rows(tmp_path / "s.h5")
     inputs = []
@@ -632,7 +724,11 @@ def test_medpix_vectors_match_keras_predict(shared_data, shared_mobilenet_weight
         pixels = np.asarray(image, dtype=np.float32)
         if image.mode == "RGBA":
             pixels = pixels[..., :3] * (pixels[..., 3:] / 255.0)
-        resized = Image.fromarray(np.rint(pixels).astype(np.uint8)).resize((128, 128), Image.Resampling.BILINEAR)
+        rgb = np.rint(pixels).astype(np.uint8)
+        if preprocessing == "keras":
+            resized = tf.image.resize(rgb, (128, 128), method="bilinear").numpy()
+        else:
+            resized = Image.fromarray(rgb).resize((128, 128), Image.Resampling.BILINEAR)
         inputs.append(np.asarray(resized, dtype=np.float32))
     batch = keras.applications.mobilenet_v2.preprocess_input(np.stack(inputs))
     model = keras.applications.MobileNetV2(
@@ -644,3 +740,37 @@ def test_medpix_vectors_match_keras_predict(shared_data, shared_mobilenet_weight
         digest, actual = stored[(row["patient_id"], row["image"], 0)]
         assert actual.shape == (1280,)
         assert float(np.abs(actual - vector).max()) < 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.shared_data
+def test_default_embedding_matches_keras_pipeline(shared_data, shared_mobilenet_weights, tmp_path):
+    # mmdx's defaults (keras preprocessing, ONNX Runtime when installed)
+    # against image_dataset_from_directory + preprocess_input + predict, on
+    # real JPEG slices of brain-mri-4class.
+    import keras
+
+    files = sorted((shared_data / "brain-mri-4class").rglob("*.jpg"))
+    chosen = files[:: len(files) // 300][:300]
+    folder = tmp_path / "slices"
+    folder.mkdir()
+    for index, path in enumerate(chosen):
+        (folder / f"s{index:04d}.jpg").symlink_to(path)
+
+    report = embed_images(folder, tmp_path / "s.h5", weights=shared_mobilenet_weights, quiet=True)
+    dataset = keras.utils.image_dataset_from_directory(
+        folder, labels=None, image_size=(128, 128), batch_size=32, shuffle=False, verbose=False
+    )
+    model = keras.applications.MobileNetV2(
+        input_shape=(128, 128, 3), include_top=False, pooling="avg", weights=str(shared_mobilenet_weights)
+    )
+    expected = model.predict(dataset.map(keras.applications.mobilenet_v2.preprocess_input), verbose=0)
+
+    stored = read_rows(tmp_path / "s.h5")
+    assert report.n_embedded == len(chosen)
+    differences = [
+        float(np.abs(stored[(Path(name).stem, Path(name).name, 0)][1] - vector).max())
+        for name, vector in zip(dataset.file_paths, expected)
+    ]
+    assert len(differences) == len(chosen)
+    assert max(differences) < 1e-4

@@ -53,11 +53,12 @@ ALPHA_HELP = "0.35, 0.5, 0.75, 1.0, 1.3 or 1.4"
     callback=_checked("mmdx.embed.images", "resolve_weights"),
     help="imagenet (Keras download), random (seeded by --random-seed), or PATH to a MobileNetV2 no-top Keras weights file (.weights.h5).",
 )
-@click.option("--image-size", default=128, show_default=True, type=click.IntRange(min=32), help="Height and width in pixels the images are resized to (bilinear).")
+@click.option("--image-size", default=128, show_default=True, type=click.IntRange(min=32), help="Height and width in pixels the images are resized to (bilinear, see --preprocessing).")
 @click.option("--alpha", default=1.0, show_default=True, type=float, callback=_checked("mmdx.embed.images", "check_alpha"), help=f"MobileNetV2 width multiplier (filters per layer relative to the standard network): {ALPHA_HELP}.")
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1), help="Images per network call and per store commit.")
 @click.option("--random-seed", default=0, show_default=True, type=int, help="Seed of the initial weights with --weights random; ignored otherwise.")
 @click.option("--engine", type=click.Choice(["auto", "keras", "onnx"]), default="auto", show_default=True, help="Inference engine: auto uses ONNX Runtime when installed and it matches Keras, else Keras.")
+@click.option("--preprocessing", type=click.Choice(["keras", "pillow"]), default="keras", show_default=True, help="How images are decoded and resized: keras gives the pixels of keras.utils.image_dataset_from_directory (TensorFlow JPEG decoding, tf.image.resize bilinear without antialiasing); pillow decodes and resizes with Pillow (antialiased), the only mode before 2026-12-05. Part of the feature set's identity.")
 @click.option("--augment-views", default=0, show_default=True, type=click.IntRange(min=0), help="Number of randomly augmented views stored per image besides the plain one; views above it stored by an earlier run stay. The augmentation settings below are part of the feature set's identity even with 0, so a later run with more views adds them to the same set.")
 @click.option("--rotation", default=40.0, show_default=True, type=click.FloatRange(0, 180), help="Augmentation: maximum rotation in degrees.")
 @click.option("--shift", default=0.2, show_default=True, type=click.FloatRange(0, 1, max_open=True), help="Augmentation: maximum shift as a fraction of height and width.")
@@ -79,7 +80,7 @@ ALPHA_HELP = "0.35, 0.5, 0.75, 1.0, 1.3 or 1.4"
 @click.option("-q", "--quiet", is_flag=True, help="Hide the progress bar (shown by default).")
 @report_errors(interrupted=INTERRUPTED_RESUMABLE)
 def images(
-    source, store, weights, image_size, alpha, batch_size, random_seed, engine, augment_views, rotation, shift,
+    source, store, weights, image_size, alpha, batch_size, random_seed, engine, preprocessing, augment_views, rotation, shift,
     shear, zoom, flip, fill, augment_seed, window, slices, slice_axis, percentiles, id_pattern, id_column, path_column, on_error, rejects, wait, quiet,
 ) -> None:
     """Embed the images of SOURCE (a folder or a CSV manifest) with MobileNetV2 into --store.
@@ -104,6 +105,7 @@ def images(
         augment=AugmentSettings(rotation=rotation, shift=shift, shear=shear, zoom=zoom, flip=flip, fill=fill),
         augment_seed=augment_seed,
         engine=engine,
+        preprocessing=preprocessing,
         scanner_options=ScannerOptions(window=window, slices=slices, slice_axis=slice_axis, percentiles=percentiles),
         id_pattern=id_pattern,
         id_column=id_column,

@@ -1,12 +1,18 @@
 """Embed images with Keras MobileNetV2 (no top, global average pooling) into a feature store.
 
-Each image is decoded with Pillow, converted to 3-channel RGB by the rules in
+Each image is decoded, converted to 3-channel RGB by the rules in
 :data:`mmdx.embed.image_sources.COLOUR_RULE`, resized to
-``image_size x image_size`` with Pillow's bilinear filter (the aspect ratio
-is not kept, as in Keras ``load_img``; Pillow widens the filter when it
-downscales, so it also antialiases), scaled to [-1, 1] by
-``keras.applications.mobilenet_v2.preprocess_input`` and passed through the
-network. Decoding runs in a thread pool while the network works on the
+``image_size x image_size`` (the aspect ratio is not kept), scaled to
+[-1, 1] by ``keras.applications.mobilenet_v2.preprocess_input`` and passed
+through the network. ``preprocessing`` picks how it is decoded and resized:
+
+* ``"keras"`` (default): the pixels of the standard Keras pipeline
+  (``image_dataset_from_directory``): TensorFlow decodes JPEG, and
+  ``tf.image.resize`` samples bilinearly without antialiasing and keeps
+  float values. See :mod:`mmdx.embed.pixels`.
+* ``"pillow"``: Pillow decodes, and its bilinear filter resizes to uint8,
+  widening the filter when it shrinks (it antialiases). This was the only
+  mode before 2026-12-05, and its feature sets keep their names. Decoding runs in a thread pool while the network works on the
 previous batch, and batches keep the input order.
 
 With ``augment_views=K`` each image also gets K randomly augmented views
@@ -44,6 +50,7 @@ import numpy as np
 
 from mmdx.embed.augment import AugmentSettings, augment_image, view_generator
 from mmdx.embed.image_sources import COLOUR_RULE, collect_image_items, load_pixels, to_rgb_uint8
+from mmdx.embed.pixels import PREPROCESSING_CHOICES, resize_bilinear_like_keras
 from mmdx.embed.runner import EmbedReport, Item, ItemFailure, embed_items, fixed_size_batches
 from mmdx.errors import InputError
 from mmdx.store import FeatureStore
@@ -63,6 +70,13 @@ logger = logging.getLogger(__name__)
 
 ENCODER = "keras.applications.MobileNetV2"
 RESIZE_METHOD = "Pillow BILINEAR to image_size x image_size, aspect ratio not kept"
+# Config entries of --preprocessing keras. The pillow mode keeps the entries
+# it had before the option existed, so its feature sets keep their names.
+KERAS_PREPROCESSING_CONFIG = {
+    "preprocessing": "keras",
+    "resize": "tf.image.resize bilinear, half-pixel centres, no antialiasing, float32; aspect ratio not kept",
+    "jpeg_decoder": "tf.io.decode_jpeg(channels=3) for greyscale and RGB JPEG, Pillow for other files",
+}
 SCALING = "mobilenet_v2.preprocess_input"
 # Width multipliers of MobileNetV2 for which Keras publishes ImageNet weights.
 # Keras builds other values with random weights, but no published weights
@@ -89,6 +103,7 @@ def embed_images(
     augment: AugmentSettings | None = None,
     augment_seed: int = 0,
     engine: str = "auto",
+    preprocessing: str = "keras",
     scanner_options=None,
     id_pattern: str | None = None,
     id_column: str = "patient_id",
@@ -133,6 +148,11 @@ def embed_images(
         ``"auto"``, ``"keras"`` or ``"onnx"``; see
         :func:`mmdx.embed.engines.select_image_engine`. The engine does not
         change the feature set.
+    preprocessing
+        ``"keras"`` reproduces the standard Keras pipeline's pixels
+        (TensorFlow JPEG decoding, ``tf.image.resize`` bilinear without
+        antialiasing); ``"pillow"`` decodes and resizes with Pillow
+        (antialiased). Part of the feature set config.
     scanner_options
         A :class:`mmdx.embed.scanners.ScannerOptions` for the DICOM and
         NIfTI files of this call (window, slices); the registered defaults
@@ -166,7 +186,7 @@ def embed_images(
     is written with the first committed batch, so a run that embeds nothing
     new (everything stored, or every item failed) leaves it unchanged.
     """
-    resolved_weights = _check_options(weights, image_size, alpha, batch_size, augment_views, engine, on_error)
+    resolved_weights = _check_options(weights, image_size, alpha, batch_size, augment_views, engine, on_error, preprocessing)
     augment = augment or AugmentSettings()
     found = collect_image_items(
         source,
@@ -194,6 +214,7 @@ def embed_images(
         "alpha": float(alpha),
         "image_size": int(image_size),
         "resize": RESIZE_METHOD,
+        **(KERAS_PREPROCESSING_CONFIG if preprocessing == "keras" else {}),
         "scaling": SCALING,
         "colour": COLOUR_RULE,
         "pooling": "avg",
@@ -222,8 +243,14 @@ def embed_images(
                 return iter(())
             engine_name, run = _load_encoder(resolved_weights, weights_identity, image_size, alpha, random_seed, engine, width)
             header.info["engine"] = engine_name  # written with the first committed batch
+            load = functools.partial(found.load_pixels, jpeg_decoder="tensorflow" if preprocessing == "keras" else "pillow")
             prepare = functools.partial(
-                _prepare_or_reason, image_size=image_size, augment=augment, seed=augment_seed, load=found.load_pixels
+                _prepare_or_reason,
+                image_size=image_size,
+                augment=augment,
+                seed=augment_seed,
+                load=load,
+                preprocessing=preprocessing,
             )
             return _encode_batches(batches, run, prepare, workers or min(4, os.cpu_count() or 1))
 
@@ -341,13 +368,15 @@ def _load_encoder(
 
 
 def _check_options(
-    weights, image_size: int, alpha: float, batch_size: int, augment_views: int, engine: str, on_error: str
+    weights, image_size: int, alpha: float, batch_size: int, augment_views: int, engine: str, on_error: str, preprocessing: str
 ) -> str | Path:
     """Validate options before any model is loaded; return the weights as ``"imagenet"``, ``"random"`` or a Path."""
     from mmdx.embed.engines import ENGINE_CHOICES
 
     if on_error not in ("fail", "skip"):
         raise InputError(f"--on-error must be fail or skip, got {on_error!r}")
+    if preprocessing not in PREPROCESSING_CHOICES:
+        raise InputError(f"--preprocessing must be one of {', '.join(PREPROCESSING_CHOICES)}, got {preprocessing!r}")
     if engine not in ENGINE_CHOICES:
         raise InputError(f"--engine must be one of {', '.join(ENGINE_CHOICES)}, got {engine!r}")
     if int(image_size) < MIN_IMAGE_SIZE:
@@ -506,16 +535,28 @@ def import_tensorflow():
     return tensorflow
 
 
-def prepare_image(item: Item, image_size: int, load: Callable[[Item], np.ndarray] = load_pixels) -> np.ndarray:
-    """Load, colour-convert and resize one item to ``image_size x image_size x 3`` uint8 RGB.
+def prepare_image(
+    item: Item, image_size: int, load: Callable[[Item], np.ndarray] | None = None, preprocessing: str = "keras"
+) -> np.ndarray:
+    """Load, colour-convert and resize one item to ``image_size x image_size x 3`` RGB.
 
     ``load`` returns the item's pixels; pass :meth:`ImageSource.load_pixels
     <mmdx.embed.image_sources.ImageSource.load_pixels>` for items of a source
-    collected with scanner options.
+    collected with scanner options. The default loader decodes JPEG as the
+    chosen ``preprocessing`` does. With ``"keras"`` the result is float32
+    (``tf.image.resize``'s values, not rounded); with ``"pillow"`` it is
+    uint8.
     """
+    if preprocessing not in PREPROCESSING_CHOICES:
+        raise InputError(f"--preprocessing must be one of {', '.join(PREPROCESSING_CHOICES)}, got {preprocessing!r}")
+    if load is None:
+        load = functools.partial(load_pixels, jpeg_decoder="tensorflow" if preprocessing == "keras" else "pillow")
+    rgb = to_rgb_uint8(load(item))
+    if preprocessing == "keras":
+        return resize_bilinear_like_keras(rgb, image_size)
+
     from PIL import Image
 
-    rgb = to_rgb_uint8(load(item))
     image = Image.fromarray(rgb, mode="RGB")
     if image.size != (image_size, image_size):
         image = image.resize((image_size, image_size), Image.Resampling.BILINEAR)
@@ -530,11 +571,17 @@ def preprocess_batch(batch: np.ndarray) -> np.ndarray:
 
 
 def _prepare_or_reason(
-    item: Item, *, image_size: int, augment: AugmentSettings, seed: int, load: Callable[[Item], np.ndarray]
+    item: Item,
+    *,
+    image_size: int,
+    augment: AugmentSettings,
+    seed: int,
+    load: Callable[[Item], np.ndarray],
+    preprocessing: str,
 ) -> np.ndarray | str:
     """Return the network input of one item (augmented for views 1..K), or the reason it failed."""
     try:
-        image = prepare_image(item, image_size, load)
+        image = prepare_image(item, image_size, load, preprocessing)
     except (ValueError, OSError) as exc:
         return str(exc)
     if item.view == 0:
