@@ -6,9 +6,12 @@ The standard pipeline is what a Keras user writes:
 ``mobilenet_v2.preprocess_input`` and ``MobileNetV2(include_top=False,
 pooling="avg", weights=<file>).predict``. It is compared with
 
-* ``mmdx-library``: ``mmdx.embed.images.embed_images`` into a fresh store,
-  vectors read back from the store (``engine="auto"`` where the function
-  takes an engine);
+* ``mmdx-library``: ``mmdx.embed.images.embed_images`` with its defaults
+  (``preprocessing="keras"``, ``engine="auto"``) into a fresh store,
+  vectors read back from the store;
+* ``mmdx-pillow``: the same with ``preprocessing="pillow"`` (Pillow
+  decoding and antialiased resize), which shows why the Keras-compatible
+  preprocessing is the default;
 * ``onnx-reference``: the same TensorFlow decoding and resize in two
   threads, one batch ahead of :func:`mmdx.embed.engines.select_image_engine`
   with ``engine="onnx"``, which shows what the engine gives on its own.
@@ -43,7 +46,7 @@ import benchlib  # noqa: E402
 DATASET = benchlib.DATA / "brain-mri-4class"
 IMAGE_SIZE = 128
 BATCH_SIZE = 32
-PIPELINES = ("keras-standard", "mmdx-library", "onnx-reference")
+PIPELINES = ("keras-standard", "mmdx-library", "mmdx-pillow", "onnx-reference")
 TOLERANCE = 1e-4
 
 
@@ -118,7 +121,7 @@ def child_onnx_reference(subset: Path, out: Path) -> dict:
     return {"seconds": seconds, "cpu": time.process_time() - cpu_started, "n": len(paths), "engine": engine}
 
 
-def child_mmdx_library(subset: Path, out: Path) -> dict:
+def child_mmdx_library(subset: Path, out: Path, preprocessing: str | None = None) -> dict:
     import tensorflow  # noqa: F401  (imported before the clock starts, as in the other pipelines)
 
     from mmdx.embed.images import embed_images
@@ -127,6 +130,8 @@ def child_mmdx_library(subset: Path, out: Path) -> dict:
     options = {"weights": str(benchlib.MOBILENET_WEIGHTS), "image_size": IMAGE_SIZE, "quiet": True}
     if "engine" in inspect.signature(embed_images).parameters:
         options["engine"] = "auto"
+    if preprocessing is not None:
+        options["preprocessing"] = preprocessing
     store_path = out.with_suffix(".h5")
     started, cpu_started = time.perf_counter(), time.process_time()
     report = embed_images(subset, store_path, **options)
@@ -152,7 +157,16 @@ def child_convert() -> dict:
     return {"seconds": time.perf_counter() - started, "engine": engine}
 
 
-CHILDREN = {"keras-standard": child_keras, "mmdx-library": child_mmdx_library, "onnx-reference": child_onnx_reference}
+def child_mmdx_pillow(subset: Path, out: Path) -> dict:
+    return child_mmdx_library(subset, out, preprocessing="pillow")
+
+
+CHILDREN = {
+    "keras-standard": child_keras,
+    "mmdx-library": child_mmdx_library,
+    "mmdx-pillow": child_mmdx_pillow,
+    "onnx-reference": child_onnx_reference,
+}
 
 
 def run_child_mode(argv: list[str]) -> None:
@@ -210,7 +224,7 @@ def main() -> None:
         for repeat in range(args.repeats):
             for name in pipelines:
                 out = workdir / f"{name}-{repeat}.npz"
-                if name == "mmdx-library":
+                if name.startswith("mmdx-"):
                     out.with_suffix(".h5").unlink(missing_ok=True)
                 run = benchlib.run_child([sys.executable, __file__, "child", name, str(subset), str(out)], env=env)
                 run.result["out"] = out
