@@ -405,7 +405,9 @@ def test_cli_several_image_sets_need_choice(synthetic):
     assert "--image-set" in result.output
 
 
-def test_no_tensorflow_or_torch_imported(synthetic):
+def test_no_heavy_library_imported(synthetic):
+    # TensorFlow and torch fight over threads, and scikit-learn and SciPy
+    # cost 0.8 s of start-up, about half of a small train-head run.
     store, labels = synthetic
     code = (
         "import sys\n"
@@ -415,7 +417,7 @@ def test_no_tensorflow_or_torch_imported(synthetic):
         f"r = CliRunner().invoke(mmdx.cli.main, ['train-head', '--store', {str(store)!r}, '--labels', {str(labels)!r},"
         " '--label-column', 'label', '--folds', '3', '--epochs', '1', '-q'])\n"
         "assert r.exit_code == 0, r.output\n"
-        "print(sorted(m for m in ('tensorflow', 'torch', 'keras', 'transformers') if m in sys.modules))\n"
+        "print(sorted(m for m in ('tensorflow', 'torch', 'keras', 'transformers', 'sklearn', 'scipy') if m in sys.modules))\n"
     )
     output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert output.strip() == "[]"
