@@ -76,6 +76,29 @@ def test_later_commit_replaces_row(tmp_path):
     assert rows.hashes.tolist()[0] == "f" * 64
 
 
+def test_compaction_replaces_rows_of_earlier_shards(tmp_path):
+    # One compaction folds all three shards: the second replaces a row the
+    # first added, and the third replaces a row the second added.
+    path = tmp_path / "s.h5"
+    with FeatureStore(path, mode="a") as store:
+        header = store.ensure_set("text", "tiny-bert", CONFIG, WIDTH)
+        store.commit(header, ["a", "b"], ["row a", "row b"], ["1" * 64, "1" * 64], np.full((2, WIDTH), 1.0))
+        store.commit(header, ["b", "c"], ["row b", "row c"], ["2" * 64, "2" * 64], np.full((2, WIDTH), 2.0))
+        store.commit(header, ["c", "d"], ["row c", "row d"], ["3" * 64, "3" * 64], np.full((2, WIDTH), 3.0))
+
+    rows = FeatureStore(path).read(header.name).rows
+    by_key = {key: (rows.hashes[i], rows.vectors[i][0]) for i, key in enumerate(rows.keys())}
+
+    assert len(rows) == 4
+    assert by_key[("a", "row a", 0)] == ("1" * 64, 1.0)
+    assert by_key[("b", "row b", 0)] == ("2" * 64, 2.0)
+    assert by_key[("c", "row c", 0)] == ("3" * 64, 3.0)
+    assert by_key[("d", "row d", 0)] == ("3" * 64, 3.0)
+    assert fmt.list_shards(path) == []
+    with h5py.File(path, "r") as handle:  # no duplicate rows left behind for readers to resolve
+        assert handle[fmt.ROOT_GROUP][header.name]["patient_id"].shape == (4,)
+
+
 def test_commit_rejects_repeated_key(tmp_path):
     path = tmp_path / "s.h5"
     with FeatureStore(path, mode="a") as store:
