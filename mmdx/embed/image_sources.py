@@ -59,7 +59,7 @@ COLOUR_RULE = (
 PILLOW_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".pbm", ".tif", ".tiff", ".gif", ".webp")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ImageRef:
     """Location of an item's pixels: a file and, for multi-image files, the index in it."""
 

@@ -30,7 +30,7 @@ ON_ERROR_CHOICES = ("fail", "skip")
 _CHANGED_SHOWN = 5  # patient IDs named in the warning about changed items
 
 
-@dataclass
+@dataclass(slots=True)
 class Item:
     """One thing to embed: an image file (or one slice or view of it) or one text row."""
 
