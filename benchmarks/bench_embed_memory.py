@@ -16,10 +16,10 @@ per-batch commits the two peaks of a modality should be about equal. What
 does grow with the input is the item list (and, for texts, the token
 lengths planned up front).
 
-NOTE: both peaks grew by about 80 MB from 1k to 50k items when this was
-written. For images, sampling RSS per stage showed about 50 MB for the item
-list (about 0.8 kB per file) and 26 MB for the compaction when the store
-closes, with a flat embedding loop. The text growth is not broken down yet.
+NOTE: both peaks grow by about 60 MB from 1k to 50k items (about 1.2 kB
+per item): the item list, the stored keys read to skip finished items, and
+the compaction's key index. Vectors are streamed; listing the source in
+chunks would make the peak flat.
 
 Usage::
 
