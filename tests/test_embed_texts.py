@@ -509,3 +509,24 @@ def test_hub_name_records_revision(tmp_path):
     weights = info.config["weights"]
     assert (weights["source"], weights["name"], weights["revision"]) == ("hub", "mmdx-test/tiny-bert", commit)
     assert info.config["encoder"] == "mmdx-test/tiny-bert"
+
+
+def test_stale_rejects_removed_when_nothing_rejected(tmp_path, tiny_bert):
+    store = tmp_path / "s.h5"
+    rows = [{"patient_id": "p9", "history": "", "findings": "N/A"}] + REPORTS
+    embed(write_reports(tmp_path / "with-empty.csv", rows), store, tiny_bert)
+    assert (tmp_path / "s.h5.rejects-texts.csv").exists()
+
+    report = embed(write_reports(tmp_path / "fixed.csv", REPORTS), store, tiny_bert)
+
+    assert report.rejects_path is None
+    assert not (tmp_path / "s.h5.rejects-texts.csv").exists()
+
+
+def test_foreign_file_at_rejects_path_kept(tmp_path, tiny_bert):
+    notes = tmp_path / "notes.csv"
+    notes.write_text("my,own,notes\n1,2,3\n", encoding="utf-8")
+
+    embed(write_reports(tmp_path / "reports.csv", REPORTS), tmp_path / "s.h5", tiny_bert, rejects=notes)
+
+    assert notes.read_text(encoding="utf-8") == "my,own,notes\n1,2,3\n"

@@ -75,7 +75,7 @@ ALPHA_HELP = "0.35, 0.5, 0.75, 1.0, 1.3 or 1.4"
 @click.option("--id-column", default="patient_id", show_default=True, help="Manifest column with the patient ID.")
 @click.option("--path-column", default="image", show_default=True, help="Manifest column with the image path, relative to the manifest's folder.")
 @click.option("--on-error", type=click.Choice(["fail", "skip"]), default="fail", show_default=True, help="On an unreadable or missing image: stop, or leave it out and list it in --rejects.")
-@click.option("--rejects", type=click.Path(dir_okay=False), default=None, help="CSV of skipped images, written only when an image is skipped [default: <store>.rejects-images.csv].")
+@click.option("--rejects", type=click.Path(dir_okay=False), default=None, help="CSV of skipped images, written only when an image is skipped; one left by an earlier run is removed when none is. [default: <store>.rejects-images.csv]")
 @click.option("--wait", type=click.FloatRange(min=0), default=0, show_default=True, help="Seconds to wait for another writer's lock on the store.")
 @click.option("-q", "--quiet", is_flag=True, help="Hide the progress bar (shown by default).")
 @report_errors(interrupted=INTERRUPTED_RESUMABLE)

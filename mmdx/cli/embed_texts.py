@@ -71,7 +71,7 @@ def text_source_options(function):
     "--rejects",
     type=click.Path(dir_okay=False),
     default=None,
-    help="CSV listing skipped texts and why, written only when a text is skipped. [default: <store>.rejects-texts.csv]",
+    help="CSV listing skipped texts and why, written only when a text is skipped; one left by an earlier run is removed when none is. [default: <store>.rejects-texts.csv]",
 )
 @click.option("--wait", type=click.FloatRange(min=0), default=0.0, show_default=True, help="Seconds to wait for another writer of the store.")
 @click.option("-q", "--quiet", is_flag=True, help="Hide the progress bars, transformers' own included.")

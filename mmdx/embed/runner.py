@@ -209,11 +209,39 @@ def embed_items(
                 report.n_changed += sum(1 for item in done if item.key in stored)
             bar.update(len(done) + len(failures))
 
-    # NOTE: a rejects file left by an earlier run stays when this run rejects
-    # nothing, so it may list items that are now fixed.
-    if report.failures and rejects_path is not None:
-        report.rejects_path = str(write_rejects(report.failures, Path(rejects_path)))
+    if rejects_path is not None:
+        if report.failures:
+            report.rejects_path = str(write_rejects(report.failures, Path(rejects_path)))
+        else:
+            _remove_stale_rejects(Path(rejects_path))
     return report
+
+
+def _remove_stale_rejects(path: Path) -> None:
+    """Delete a rejects CSV of an earlier run, which would list items this run no longer rejects.
+
+    Only a file that starts with the header :func:`write_rejects` writes is
+    deleted, so a ``--rejects`` path that names some other file is left alone.
+    """
+    try:
+        with open(path, encoding="utf-8", newline="") as handle:
+            first_line = handle.readline()
+    except (FileNotFoundError, IsADirectoryError):
+        return
+    except (OSError, UnicodeDecodeError) as exc:
+        logger.warning("%s: could not read the rejects file of an earlier run (%s); it may be out of date", path, exc)
+        return
+    if first_line.rstrip("\r\n") != ",".join(REJECTS_HEADER):
+        return
+    try:
+        path.unlink()
+    except OSError as exc:
+        logger.warning("%s: could not remove the rejects file of an earlier run (%s); it is out of date", path, exc)
+        return
+    logger.info("%s: removed the rejects file of an earlier run, since this run rejected nothing", path)
+
+
+REJECTS_HEADER = ("patient_id", "item", "view", "reason")
 
 
 def write_rejects(failures: Iterable[ItemFailure], path: Path) -> Path:
@@ -221,7 +249,7 @@ def write_rejects(failures: Iterable[ItemFailure], path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["patient_id", "item", "view", "reason"])
+        writer.writerow(REJECTS_HEADER)
         for failure in failures:
             writer.writerow([failure.item.patient_id, failure.item.name, failure.item.view, failure.reason])
     return path
