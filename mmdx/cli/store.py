@@ -23,6 +23,7 @@ def store() -> None:
 @report_errors
 def info(store_path: str, as_json: bool) -> None:
     """List the feature sets of STORE with rows, patients, width and provenance."""
+    from mmdx.store.api import displayed_config
     from mmdx.store.maintenance import store_info
 
     summary = store_info(store_path)
@@ -38,7 +39,9 @@ def info(store_path: str, as_json: bool) -> None:
         click.echo(f"  modality {s.modality}, encoder {s.encoder}, width {s.width}")
         click.echo(f"  rows {s.n_rows}, patients {s.n_patients}, views {s.n_views}")
         click.echo(f"  created {s.created}, updated {s.updated}")
-        config = {k: v for k, v in s.config.items() if k not in ("modality", "encoder", "width")}
+        config = {
+            k: v for k, v in displayed_config(s.modality, s.encoder, s.config).items() if k not in ("modality", "encoder", "width")
+        }
         for title, values in (("configuration", config), ("provenance", s.info)):
             if values:
                 click.echo(f"  {title}:")

@@ -45,6 +45,22 @@ def set_name_for(modality: str, encoder: str, config: dict) -> str:
     return f"{modality}-{slug}-{digest}"
 
 
+# Configuration keys added after feature sets without them existed. Such a
+# key is left out of the configuration when it has its old value, so older
+# sets keep their names, and it is shown with that value ("pillow (implied)").
+IMPLIED_CONFIG: dict[tuple[str, str], dict] = {
+    ("image", "keras.applications.MobileNetV2"): {"preprocessing": "pillow"},
+}
+
+
+def displayed_config(modality: str, encoder: str, config: dict) -> dict:
+    """Return ``config`` with the keys of :data:`IMPLIED_CONFIG` it lacks, marked "(implied)", for display."""
+    shown = dict(config)
+    for key, value in IMPLIED_CONFIG.get((modality, encoder), {}).items():
+        shown.setdefault(key, f"{value} (implied)")
+    return shown
+
+
 def describe_sets(infos: Sequence[FeatureSetInfo], max_keys: int = 4) -> str:
     """Format set names with the configuration values that tell them apart, for error messages.
 
@@ -52,8 +68,15 @@ def describe_sets(infos: Sequence[FeatureSetInfo], max_keys: int = 4) -> str:
     dotted, top-level keys first, at most ``max_keys`` per set), with hashes
     cut to 12 characters: ``image-a (image_size=224, weights.sha256=3f1c...)``.
     """
-    flat = [_flatten({"encoder": info.encoder, "width": info.width, **info.config}) for info in infos]
-    keys = sorted({key for values in flat for key in values}, key=lambda key: (key.count("."), key))
+    flat = [
+        _flatten({"encoder": info.encoder, "width": info.width, **displayed_config(info.modality, info.encoder, info.config)})
+        for info in infos
+    ]
+    # Top-level keys first, led by "preprocessing", the plainest difference
+    # between image sets of one network.
+    keys = sorted(
+        {key for values in flat for key in values}, key=lambda key: (key.count("."), key != "preprocessing", key)
+    )
     differing = [key for key in keys if len({_short(values.get(key, "-")) for values in flat}) > 1]
     parts = []
     for info, values in zip(infos, flat):
@@ -245,8 +268,28 @@ class FeatureStore:
         else:
             now = fmt.now_iso()
             header = fmt.SetHeader(name, modality, encoder, int(width), identity, dict(info or {}), now, now)
+            self._note_sibling_sets(header)
         self._headers[name] = header
         return header
+
+    def _note_sibling_sets(self, header: fmt.SetHeader) -> None:
+        """Warn when a new set joins sets of the same modality and encoder, naming what differs.
+
+        A changed option (or a changed default) then embeds everything again
+        into a new set, and train-head later requires ``--image-set`` or
+        ``--text-set``. The warning comes while the run can still be stopped.
+        """
+        siblings = [info for info in self.list_sets() if (info.modality, info.encoder) == (header.modality, header.encoder)]
+        if not siblings:
+            return
+        new = FeatureSetInfo(
+            header.name, header.modality, header.encoder, header.width, 0, 0, 0, header.config, {}, header.created, header.updated
+        )
+        logger.warning(
+            "%s: starting a new %s feature set, because the configuration differs from the %d stored one(s): %s. "
+            "To add to a stored set instead, repeat the options it was made with",
+            self.path, header.modality, len(siblings), describe_sets([new, *siblings]),
+        )
 
     def item_hashes(self, name: str) -> dict[tuple[str, str, int], str]:
         """Map (patient ID, item, view) to the stored content hash, for skipping done work."""
