@@ -530,3 +530,17 @@ def test_foreign_file_at_rejects_path_kept(tmp_path, tiny_bert):
     embed(write_reports(tmp_path / "reports.csv", REPORTS), tmp_path / "s.h5", tiny_bert, rejects=notes)
 
     assert notes.read_text(encoding="utf-8") == "my,own,notes\n1,2,3\n"
+
+
+def test_rejects_of_another_set_kept(tmp_path, tiny_bert):
+    store = tmp_path / "s.h5"
+    rows = [{"patient_id": "p9", "history": "", "findings": "N/A"}] + REPORTS
+    first = embed(write_reports(tmp_path / "with-empty.csv", rows), store, tiny_bert, pooling="cls")
+    rejects = tmp_path / "s.h5.rejects-texts.csv"
+
+    second = embed(write_reports(tmp_path / "fixed.csv", REPORTS), store, tiny_bert, pooling="mean")
+
+    assert second.feature_set != first.feature_set
+    with open(rejects, encoding="utf-8", newline="") as handle:
+        listed = list(csv.DictReader(handle))
+    assert [(row["patient_id"], row["feature_set"]) for row in listed] == [("p9", first.feature_set)]

@@ -28,6 +28,7 @@ logger = logging.getLogger(__name__)
 
 ON_ERROR_CHOICES = ("fail", "skip")
 _CHANGED_SHOWN = 5  # patient IDs named in the warning about changed items
+_OTHERS_SHOWN = 5  # other failed items of a batch named in the --on-error fail message
 
 
 @dataclass(slots=True)
@@ -187,11 +188,18 @@ def embed_items(
         for done, vectors, failures in encode(plan(todo)):
             for failure in failures:
                 if on_error == "fail" and failure.skipped is None:
-                    others = sum(1 for other in failures if other.skipped is None) - 1
-                    others_note = f"{others} other item(s) of this batch failed too; " if others else ""
+                    others = [other for other in failures if other.skipped is None and other is not failure]
+                    others_note = ""
+                    if others:
+                        named = "; ".join(
+                            f"patient {other.item.patient_id!r}, {other.item.name}: {other.reason}"
+                            for other in others[:_OTHERS_SHOWN]
+                        )
+                        more = f" and {len(others) - _OTHERS_SHOWN} more" if len(others) > _OTHERS_SHOWN else ""
+                        others_note = f"Other failures in this batch: {named}{more}. "
                     raise InputError(
                         f"patient {failure.item.patient_id!r}, {failure.item.name}: {failure.reason}. "
-                        f"{others_note}nothing from this batch was stored. Fix or remove the item, or pass "
+                        f"{others_note}Nothing from this batch was stored. Fix or remove the item, or pass "
                         "--on-error skip to list every failure in the rejects CSV"
                     )
                 logger.warning("skipped patient %r, %s: %s", failure.item.patient_id, failure.item.name, failure.reason)
@@ -211,27 +219,31 @@ def embed_items(
 
     if rejects_path is not None:
         if report.failures:
-            report.rejects_path = str(write_rejects(report.failures, Path(rejects_path)))
+            report.rejects_path = str(write_rejects(report.failures, Path(rejects_path), header.name))
         else:
-            _remove_stale_rejects(Path(rejects_path))
+            _remove_stale_rejects(Path(rejects_path), header.name)
     return report
 
 
-def _remove_stale_rejects(path: Path) -> None:
-    """Delete a rejects CSV of an earlier run, which would list items this run no longer rejects.
+def _remove_stale_rejects(path: Path, feature_set: str) -> None:
+    """Delete the rejects CSV of an earlier run of the same feature set, since this run rejected nothing.
 
-    Only a file that starts with the header :func:`write_rejects` writes is
-    deleted, so a ``--rejects`` path that names some other file is left alone.
+    Only a file in the format :func:`write_rejects` writes, whose rows all
+    name ``feature_set``, is deleted. A rejects file of another feature set
+    of the same store, or a ``--rejects`` path that names some other file, is
+    left alone.
     """
     try:
         with open(path, encoding="utf-8", newline="") as handle:
-            first_line = handle.readline()
+            reader = csv.reader(handle)
+            header = next(reader, None)
+            sets = {row[-1] for row in reader if row}
     except (FileNotFoundError, IsADirectoryError):
         return
-    except (OSError, UnicodeDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
         logger.warning("%s: could not read the rejects file of an earlier run (%s); it may be out of date", path, exc)
         return
-    if first_line.rstrip("\r\n") != ",".join(REJECTS_HEADER):
+    if header is None or tuple(header) != REJECTS_HEADER or sets - {feature_set}:
         return
     try:
         path.unlink()
@@ -241,15 +253,15 @@ def _remove_stale_rejects(path: Path) -> None:
     logger.info("%s: removed the rejects file of an earlier run, since this run rejected nothing", path)
 
 
-REJECTS_HEADER = ("patient_id", "item", "view", "reason")
+REJECTS_HEADER = ("patient_id", "item", "view", "reason", "feature_set")
 
 
-def write_rejects(failures: Iterable[ItemFailure], path: Path) -> Path:
-    """Write rejected items and their reasons as CSV (patient_id, item, view, reason)."""
+def write_rejects(failures: Iterable[ItemFailure], path: Path, feature_set: str) -> Path:
+    """Write rejected items and their reasons as CSV (patient_id, item, view, reason, feature_set)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(REJECTS_HEADER)
         for failure in failures:
-            writer.writerow([failure.item.patient_id, failure.item.name, failure.item.view, failure.reason])
+            writer.writerow([failure.item.patient_id, failure.item.name, failure.item.view, failure.reason, feature_set])
     return path
