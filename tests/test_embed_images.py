@@ -192,11 +192,35 @@ def test_keras_jpeg_decoding_rejects_truncated_file(tmp_path):
     (tmp_path / "t.jpg").write_bytes(data[: len(data) // 2])
     item = expand_image_file(tmp_path / "t.jpg", "t.jpg", "p")[0]
 
-    with pytest.raises(ValueError, match="truncated or corrupt JPEG"):
+    with pytest.raises(ValueError, match="truncated or corrupt JPEG") as caught:
         load_pixels(item, jpeg_decoder="tensorflow")
+
+    assert "function_node" not in str(caught.value)
+    assert "[Op:" not in str(caught.value)
 
 
 # Embedding ------------------------------------------------------------------------
+
+
+def test_fail_message_names_every_failed_file(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for index in range(3):
+        write_image(folder / f"good{index}.png", index)
+    pixels = np.random.default_rng(9).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(folder / "cut.jpg")
+    data = (folder / "cut.jpg").read_bytes()
+    (folder / "cut.jpg").write_bytes(data[: len(data) // 2])
+    (folder / "zero.jpg").write_bytes(b"")
+
+    with pytest.raises(InputError) as caught:
+        embed_images(folder, tmp_path / "s.h5", **{**TINY, "batch_size": 8})  # one batch for all five files
+
+    message = str(caught.value)
+    assert "cut.jpg" in message
+    assert "zero.jpg" in message
+    assert "empty file (0 bytes)" in message
+    assert "Nothing from this batch was stored" in message
 
 
 def test_folder_embeds_one_row_per_image(class_folder, tmp_path):
@@ -364,7 +388,7 @@ def test_bad_files_fail_and_store_unharmed(class_folder, tmp_path):
     before = read_rows(store)
     add_bad_files(class_folder)
 
-    with pytest.raises(InputError, match=r"bad/cut\.png: truncated or corrupt image data.*\. 2 other item\(s\) of this batch failed too;.*--on-error skip"):
+    with pytest.raises(InputError, match=r"bad/cut\.png: truncated or corrupt image data.*Other failures in this batch: .*bad/text\.png.*bad/zero\.png.*--on-error skip"):
         embed_images(class_folder, store, **TINY)
 
     after = read_rows(store)

@@ -21,6 +21,7 @@ about 4 apart. :func:`decode_jpeg_like_keras` and
 from __future__ import annotations
 
 import functools
+import re
 
 import numpy as np
 
@@ -55,8 +56,14 @@ def decode_jpeg_like_keras(data: bytes) -> np.ndarray:
     try:
         return tf.io.decode_jpeg(data, channels=3).numpy()
     except tf.errors.InvalidArgumentError as exc:
-        message = (exc.message or str(exc)).strip().splitlines()[0]
-        raise ValueError(f"truncated or corrupt JPEG data ({message})") from None
+        raise ValueError(f"truncated or corrupt JPEG data ({_plain_tf_message(exc)})") from None
+
+
+def _plain_tf_message(exc) -> str:
+    """Return the first line of a TensorFlow error without its ``{{function_node ...}}`` and ``[Op:...]`` parts."""
+    lines = (exc.message or str(exc)).strip().splitlines() or [""]
+    text = re.sub(r"\{\{[^}]*\}\}|\[Op:[^\]]*\]", "", lines[0])
+    return " ".join(text.split()) or type(exc).__name__
 
 
 def resize_bilinear_like_keras(image: np.ndarray, size: int) -> np.ndarray:
