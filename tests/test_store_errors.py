@@ -85,6 +85,29 @@ def test_folder_as_store(tmp_path, mode):
     assert tree_digest(tmp_path) == before
 
 
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["train-head", "--labels", "labels.csv", "--label-column", "label"],
+        ["compare", "--labels", "labels.csv", "--label-column", "label"],
+        ["embed", "images", "images", "--weights", "random"],
+    ],
+)
+def test_cli_folder_as_store_names_it(tmp_path, command, monkeypatch):
+    # Every command gives the store's own message, not click's generic one.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "labels.csv").write_text("patient_id,label\np1,0\np2,1\n", encoding="utf-8")
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "p1.png").write_bytes(b"not decoded: the store is checked first")
+    folder = tmp_path / "features"
+    folder.mkdir()
+
+    result = CliRunner().invoke(main, [*command, "--store", str(folder)])
+
+    assert result.exit_code == 1, result.output
+    assert f"{folder}: is a folder; --store takes an .h5 file path" in result.output
+
+
 def test_missing_folder_for_writer(tmp_path):
     path = tmp_path / "no-such-folder" / "s.h5"
     message = open_error(path, "a")

@@ -62,7 +62,7 @@ def head_options(multiple_fusions: bool):
 
 
 @click.command("compare")
-@click.option("--store", required=True, type=click.Path(dir_okay=False), help="Feature store (HDF5) to read vectors from.")
+@click.option("--store", required=True, type=click.Path(), help="Feature store (HDF5) to read vectors from.")
 @label_options
 @click.option("--id-column", default="patient_id", show_default=True, help="Column of the labels CSV with patient IDs.")
 @click.option("--folds", type=click.IntRange(min=2), default=5, show_default=True, help="Number of patient-level folds.")

@@ -44,7 +44,7 @@ ALPHA_HELP = "0.35, 0.5, 0.75, 1.0, 1.3 or 1.4"
 
 @click.command()
 @click.argument("source", type=click.Path(exists=True, path_type=str))
-@click.option("--store", required=True, type=click.Path(dir_okay=False), help="Feature store file (.h5); created if absent.")
+@click.option("--store", required=True, type=click.Path(), help="Feature store file (.h5); created if absent.")
 @click.option(
     "--weights",
     default="imagenet",

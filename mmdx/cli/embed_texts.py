@@ -43,7 +43,7 @@ def text_source_options(function):
 
 @click.command()
 @click.argument("source", type=click.Path(dir_okay=False))
-@click.option("--store", required=True, type=click.Path(dir_okay=False), help="Feature store (HDF5); created when missing.")
+@click.option("--store", required=True, type=click.Path(), help="Feature store (HDF5); created when missing.")
 @text_source_options
 @click.option(
     "--model",

@@ -58,7 +58,7 @@ def parse_trainable_layers(value: str) -> int | None:
 @click.option("--folds", "n_folds", type=click.IntRange(min=2), default=5, show_default=True, help="Number of folds with --per-fold.")
 @click.option(
     "--store",
-    type=click.Path(dir_okay=False),
+    type=click.Path(),
     default=None,
     help="Feature store to embed every patient into with each fine-tuned encoder.",
 )

@@ -19,7 +19,7 @@ METRIC_LABELS = {
 
 
 @click.command("train-head")
-@click.option("--store", required=True, type=click.Path(dir_okay=False), help="Feature store (HDF5) to read vectors from.")
+@click.option("--store", required=True, type=click.Path(), help="Feature store (HDF5) to read vectors from.")
 @label_options
 @click.option("--id-column", default="patient_id", show_default=True, help="Column of the labels CSV with patient IDs.")
 @click.option(
