@@ -284,3 +284,30 @@ def test_cli_trainable_layers_invalid_exits_2(tmp_path, data, tiny_base):
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 2
     assert "expected a positive integer or 'all', got 'some'" in result.output
+
+
+def test_per_fold_keeps_duplicate_images_together(tmp_path, data, tiny_base):
+    # Patients 007 and p04 have byte-identical images in the store, so
+    # train-head --duplicates group puts them in one fold; the per-fold
+    # encoders must be trained on those same folds.
+    store = tmp_path / "s.h5"
+    with FeatureStore(store, mode="a") as writer:
+        header = writer.ensure_set("image", "test-images", {"size": 4}, 4)
+        ids = sorted(PATIENTS)
+        hashes = ["d" * 64 if patient_id in ("007", "p04") else f"{index:064x}" for index, patient_id in enumerate(ids)]
+        writer.commit(header, ids, [f"{patient_id}.png" for patient_id in ids], hashes, np.ones((len(ids), 4)))
+    groups = [["007", "p04"]]
+
+    run(data, tiny_base, tmp_path / "ft", per_fold=True, n_folds=2, seed=3, store=store)
+
+    for k, (train_ids, _) in enumerate(patient_folds(labels_dict(), 2, 3, groups)):
+        record = read_record(tmp_path / "ft" / f"fold-{k}")
+        assert record["patients"] == sorted(set(train_ids) & set(PATIENTS))
+        assert ("007" in record["patients"]) == ("p04" in record["patients"])
+    source, labels = data
+    result = CliRunner().invoke(
+        main,
+        ["train-head", "--store", str(store), "--labels", str(labels), "--label-column", "diagnosis_group",
+         "--positive", "neoplasm", "--modality", "text", "--folds", "2", "--seed", "3", "--epochs", "1", "-q"],
+    )
+    assert result.exit_code == 0, result.output

@@ -276,6 +276,20 @@ def _check_trainable(patients: list[str], labels: dict[str, int], where: str) ->
         )
 
 
+def _duplicate_image_groups(store: str | Path | None, label_map: dict) -> list[list[str]]:
+    """Return the duplicate-image groups train-head would use for these patients, or none without images."""
+    if store is None or not Path(store).is_file():
+        return []
+    from mmdx.train.data import store_duplicate_groups
+
+    groups = store_duplicate_groups(store, list(label_map))
+    if groups:
+        logger.info(
+            "%d group(s) of patients share identical images in %s; each group stays in one fold", len(groups), store
+        )
+    return groups
+
+
 def finetune_text(
     source: str | Path,
     *,
@@ -337,7 +351,10 @@ def finetune_text(
         on that fold's training patients only.
     store
         When given, embed every patient of ``source`` with each trained
-        encoder into this store (one feature set per encoder).
+        encoder into this store (one feature set per encoder). With
+        ``per_fold``, patients whose stored images are byte-identical stay
+        in one fold, as in ``train-head --duplicates group``, so embed the
+        images before fine-tuning.
     embed_batch_size, wait, quiet
         Embedding batch size, seconds to wait for the store lock, and
         whether to hide progress bars (transformers' own included).
@@ -376,7 +393,9 @@ def finetune_text(
         )
     logger.info("%d labelled patients with text (%d labelled, %d with text)", len(usable), len(label_map), len(texts))
     if per_fold:
-        splits = [(k, train) for k, (train, _) in enumerate(patient_folds(label_map, n_folds, seed))]
+        image_groups = _duplicate_image_groups(store, label_map)
+        folds = patient_folds(label_map, n_folds, seed, image_groups)
+        splits = [(k, train) for k, (train, _) in enumerate(folds)]
     else:
         splits = [(None, list(usable))]
     plans = []

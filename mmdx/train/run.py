@@ -195,8 +195,8 @@ def train_head(
         data = load_patient_data_keep_missing(store, label_table, image_set, text_set, aggregate)
     else:
         data = load_patient_data(store, label_table, modality, image_set, text_set, aggregate, augmented, views)
-    # NOTE: per-fold text fine-tuning splits without these groups, so with duplicate images its
-    # folds differ from these and the leak check below stops a run on such a per-fold group.
+    # finetune-text --per-fold reads the same groups from its --store. When the
+    # images were embedded after it, its folds differ and the leak check stops the run.
     groups = store_duplicate_groups(store, list(data.labels), image_set)
     if groups and duplicates == "ignore":
         logger.warning(
