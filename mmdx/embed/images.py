@@ -12,8 +12,10 @@ through the network. ``preprocessing`` picks how it is decoded and resized:
   float values. See :mod:`mmdx.embed.pixels`.
 * ``"pillow"``: Pillow decodes, and its bilinear filter resizes to uint8,
   widening the filter when it shrinks (it antialiases). This was the only
-  mode before 2026-12-05, and its feature sets keep their names. Decoding runs in a thread pool while the network works on the
-previous batch, and batches keep the input order.
+  mode before 2026-12-05, and its feature sets keep their names.
+
+Decoding runs in a thread pool while the network works on the previous
+batch, and batches keep the input order.
 
 With ``augment_views=K`` each image also gets K randomly augmented views
 (rows with view 1..K, see :mod:`mmdx.embed.augment`) in the same feature
@@ -214,6 +216,7 @@ def embed_images(
         "alpha": float(alpha),
         "image_size": int(image_size),
         "resize": RESIZE_METHOD,
+        # With keras preprocessing this replaces "resize" and adds two entries.
         **(KERAS_PREPROCESSING_CONFIG if preprocessing == "keras" else {}),
         "scaling": SCALING,
         "colour": COLOUR_RULE,
