@@ -10,9 +10,10 @@ conversion. The two engines give the same vectors within
 ``info``), not part of its config.
 
 For texts, :func:`map_in_threads` with :func:`torch_threads` runs whole
-batches in parallel threads with one torch thread each. On 2 cores that
-encoded MiniLM texts 1.7 to 2.6 times as fast as one batch at a time on 2
-torch threads, with the same vectors (``benchmarks/bench_texts.py``).
+batches in parallel threads with one torch thread each. On 2 cores shared
+with other jobs that encoded MiniLM texts 1.7 to 2.6 times as fast as one
+batch at a time on 2 torch threads, with the same vectors; on a quiet
+machine the two ran at the same speed (``benchmarks/bench_texts.py``).
 
 TensorFlow, tf2onnx, onnxruntime and torch are imported inside the functions
 that need them.
