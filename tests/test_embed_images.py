@@ -798,3 +798,47 @@ def test_default_embedding_matches_keras_pipeline(shared_data, shared_mobilenet_
     ]
     assert len(differences) == len(chosen)
     assert max(differences) < 1e-4
+
+
+def test_identical_files_embedded_once(tmp_path, monkeypatch):
+    from mmdx.embed import images as images_module
+
+    folder = tmp_path / "images"
+    write_image(folder / "a.png", 1)
+    write_image(folder / "b.png", 2)
+    (folder / "copy-of-a.png").write_bytes((folder / "a.png").read_bytes())
+    (folder / "second-copy.png").write_bytes((folder / "a.png").read_bytes())
+    rows_run = []
+    load_encoder = images_module._load_encoder
+
+    def counting_load_encoder(*args):
+        name, run = load_encoder(*args)
+
+        def counting_run(batch):
+            rows_run.append(len(batch))
+            return run(batch)
+
+        return name, counting_run
+
+    monkeypatch.setattr(images_module, "_load_encoder", counting_load_encoder)
+
+    report = embed_images(folder, tmp_path / "s.h5", **TINY)
+
+    stored = read_rows(tmp_path / "s.h5")
+    assert report.n_embedded == 4
+    assert sum(rows_run) == 2
+    assert np.array_equal(stored[("copy-of-a", "copy-of-a.png", 0)][1], stored[("a", "a.png", 0)][1])
+    assert np.array_equal(stored[("second-copy", "second-copy.png", 0)][1], stored[("a", "a.png", 0)][1])
+    assert not np.array_equal(stored[("b", "b.png", 0)][1], stored[("a", "a.png", 0)][1])
+
+
+def test_identical_broken_files_all_rejected(tmp_path):
+    folder = tmp_path / "images"
+    write_image(folder / "good.png", 1)
+    (folder / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    (folder / "bad-copy.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+
+    report = embed_images(folder, tmp_path / "s.h5", on_error="skip", **TINY)
+
+    assert report.n_embedded == 1
+    assert sorted(failure.item.name for failure in report.failures) == ["bad-copy.png", "bad.png"]
