@@ -421,3 +421,13 @@ def test_no_heavy_library_imported(synthetic):
     )
     output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert output.strip() == "[]"
+
+
+def test_auto_jobs_small_run_in_process(monkeypatch):
+    from mmdx.train import run as run_module
+
+    monkeypatch.setattr(run_module, "available_cpus", lambda: 2)
+
+    assert run_module.auto_jobs(268, 10, 5) == 1  # medpix-mr: forking cost more than it saved
+    assert run_module.auto_jobs(1000, 10, 5) == 2
+    assert run_module.auto_jobs(10_000, 10, 5) == 2

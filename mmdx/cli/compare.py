@@ -81,7 +81,7 @@ def head_options(multiple_fusions: bool):
               "replaced atomically; an existing folder must be empty or an earlier mmdx output. "
               "Without --out nothing is written.")
 @click.option("--jobs", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Folds trained at once in worker processes; 0 means one per CPU core. Results do not depend on it.")
+              help="Folds trained at once in worker processes; 0 means one per CPU core, or none for runs so small that starting workers costs more than it saves. Results do not depend on it.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @report_errors(interrupted=INTERRUPTED_NOTHING_WRITTEN)
 def compare(labels_path, quiet, fusions, **options) -> None:
