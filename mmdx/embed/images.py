@@ -79,6 +79,8 @@ KERAS_PREPROCESSING_CONFIG = {
     "resize": "tf.image.resize bilinear, half-pixel centres, no antialiasing, float32; aspect ratio not kept",
     "jpeg_decoder": "tf.io.decode_jpeg(channels=3) for greyscale and RGB JPEG, Pillow for other files",
 }
+# The JPEG decoder of each --preprocessing choice (see load_pixels).
+JPEG_DECODERS = {"keras": "tensorflow", "pillow": "pillow"}
 SCALING = "mobilenet_v2.preprocess_input"
 # Width multipliers of MobileNetV2 for which Keras publishes ImageNet weights.
 # Keras builds other values with random weights, but no published weights
@@ -246,7 +248,7 @@ def embed_images(
                 return iter(())
             engine_name, run = _load_encoder(resolved_weights, weights_identity, image_size, alpha, random_seed, engine, width)
             header.info["engine"] = engine_name  # written with the first committed batch
-            load = functools.partial(found.load_pixels, jpeg_decoder="tensorflow" if preprocessing == "keras" else "pillow")
+            load = functools.partial(found.load_pixels, jpeg_decoder=JPEG_DECODERS[preprocessing])
             prepare = functools.partial(
                 _prepare_or_reason,
                 image_size=image_size,
@@ -378,8 +380,7 @@ def _check_options(
 
     if on_error not in ("fail", "skip"):
         raise InputError(f"--on-error must be fail or skip, got {on_error!r}")
-    if preprocessing not in PREPROCESSING_CHOICES:
-        raise InputError(f"--preprocessing must be one of {', '.join(PREPROCESSING_CHOICES)}, got {preprocessing!r}")
+    check_preprocessing(preprocessing)
     if engine not in ENGINE_CHOICES:
         raise InputError(f"--engine must be one of {', '.join(ENGINE_CHOICES)}, got {engine!r}")
     if int(image_size) < MIN_IMAGE_SIZE:
@@ -390,6 +391,13 @@ def _check_options(
         raise InputError(f"--augment-views must be 0 or more, got {augment_views}")
     check_alpha(alpha)
     return resolve_weights(weights)
+
+
+def check_preprocessing(preprocessing: str) -> str:
+    """Raise ``InputError`` unless ``preprocessing`` is one of :data:`PREPROCESSING_CHOICES`; return it."""
+    if preprocessing not in PREPROCESSING_CHOICES:
+        raise InputError(f"--preprocessing must be one of {', '.join(PREPROCESSING_CHOICES)}, got {preprocessing!r}")
+    return preprocessing
 
 
 def check_alpha(alpha: float) -> float:
@@ -550,10 +558,9 @@ def prepare_image(
     (``tf.image.resize``'s values, not rounded); with ``"pillow"`` it is
     uint8.
     """
-    if preprocessing not in PREPROCESSING_CHOICES:
-        raise InputError(f"--preprocessing must be one of {', '.join(PREPROCESSING_CHOICES)}, got {preprocessing!r}")
+    check_preprocessing(preprocessing)
     if load is None:
-        load = functools.partial(load_pixels, jpeg_decoder="tensorflow" if preprocessing == "keras" else "pillow")
+        load = functools.partial(load_pixels, jpeg_decoder=JPEG_DECODERS[preprocessing])
     rgb = to_rgb_uint8(load(item))
     if preprocessing == "keras":
         return resize_bilinear_like_keras(rgb, image_size)
@@ -614,48 +621,51 @@ def _encode_batches(
     submitted: set[tuple] = set()
 
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mmdx-decode") as pool:
-        pending: deque[tuple[list[Item], list[Future | None]]] = deque()
+        # Per batch: the items, their content keys, and a decoding future per
+        # item (None for a copy of an earlier item's outcome).
+        pending: deque[tuple[list[Item], list[tuple], list[Future | None]]] = deque()
         upcoming = iter(batches)
 
         def submit_next() -> None:
             batch = next(upcoming, None)
             if batch is None:
                 return
+            keys = [_content_key(item) for item in batch]
             futures: list[Future | None] = []
-            for item in batch:
-                key = _content_key(item)
+            for item, key in zip(batch, keys):
                 if key in repeated and key in submitted:
-                    futures.append(None)  # a copy of an earlier item's outcome
+                    futures.append(None)
                 else:
                     submitted.add(key)
                     futures.append(pool.submit(prepare, item))
-            pending.append((batch, futures))
+            pending.append((batch, keys, futures))
 
         submit_next()
         submit_next()
         while pending:
-            batch, futures = pending.popleft()
+            batch, keys, futures = pending.popleft()
             submit_next()
-            computed, arrays, failures, copies = [], [], [], []
-            for item, future in zip(batch, futures):
+            computed, computed_keys, arrays, failures, copies = [], [], [], [], []
+            for item, key, future in zip(batch, keys, futures):
                 if future is None:
-                    copies.append(item)
+                    copies.append((item, key))
                     continue
                 result = future.result()
                 if isinstance(result, str):
                     failures.append(ItemFailure(item, result))
-                    if _content_key(item) in repeated:
-                        outcomes[_content_key(item)] = result
+                    if key in repeated:
+                        outcomes[key] = result
                 else:
                     computed.append(item)
+                    computed_keys.append(key)
                     arrays.append(result)
             vectors = run(preprocess_batch(np.stack(arrays))) if arrays else np.empty((0, 0), np.float32)
-            for item, vector in zip(computed, vectors):
-                if _content_key(item) in repeated:
-                    outcomes[_content_key(item)] = vector
+            for key, vector in zip(computed_keys, vectors):
+                if key in repeated:
+                    outcomes[key] = vector
             done, rows = list(computed), [vectors] if len(computed) else []
-            for item in copies:
-                outcome = outcomes[_content_key(item)]
+            for item, key in copies:
+                outcome = outcomes[key]
                 if isinstance(outcome, str):
                     failures.append(ItemFailure(item, outcome))
                 else:
