@@ -279,7 +279,8 @@ def test_pillow_preprocessing_keeps_earlier_config(class_folder, tmp_path):
     # Sets written before --preprocessing existed had exactly these entries,
     # so they keep their names and are found again with --preprocessing pillow.
     pillow_config = sets[pillow_report.feature_set].config
-    assert "preprocessing" not in pillow_config and "jpeg_decoder" not in pillow_config
+    assert "preprocessing" not in pillow_config
+    assert "jpeg_decoder" not in pillow_config
     assert pillow_config["resize"] == "Pillow BILINEAR to image_size x image_size, aspect ratio not kept"
 
 

@@ -288,7 +288,7 @@ def test_cli_trainable_layers_invalid_exits_2(tmp_path, data, tiny_base):
 
 def test_per_fold_keeps_duplicate_images_together(tmp_path, data, tiny_base):
     # Patients 007 and p04 have byte-identical images in the store, so
-    # train-head --duplicates group puts them in one fold; the per-fold
+    # train-head --duplicates group puts them in one fold. The per-fold
     # encoders must be trained on those same folds.
     store = tmp_path / "s.h5"
     with FeatureStore(store, mode="a") as writer:

@@ -55,10 +55,10 @@ IMPLIED_CONFIG: dict[tuple[str, str], dict] = {
 
 def displayed_config(modality: str, encoder: str, config: dict) -> dict:
     """Return ``config`` with the keys of :data:`IMPLIED_CONFIG` it lacks, marked "(implied)", for display."""
-    shown = dict(config)
+    displayed = dict(config)
     for key, value in IMPLIED_CONFIG.get((modality, encoder), {}).items():
-        shown.setdefault(key, f"{value} (implied)")
-    return shown
+        displayed.setdefault(key, f"{value} (implied)")
+    return displayed
 
 
 def describe_sets(infos: Sequence[FeatureSetInfo], max_keys: int = 4) -> str:
