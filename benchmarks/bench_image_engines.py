@@ -1,19 +1,27 @@
 """Inference-only comparison of the ways to run MobileNetV2 (128 px, alpha 1.0) on the CPU.
 
-No decoding: every variant runs the same random batches in [-1, 1]. Keras
-variants: ``model.predict``, ``predict_on_batch``, an eager call with
+No decoding is timed: every variant runs the same batches, either random
+values in [-1, 1] or, with ``--source brain-mri``, evenly spaced
+``brain-mri-4class`` slices decoded and resized as the Keras pipeline does
+(differences of about 1e-4 show only on real images). Keras variants:
+``model.predict``, ``predict_on_batch``, an eager call with
 ``training=False`` and a ``tf.function`` with an open batch dimension, under
 TensorFlow's default threads and under one intra-op and one inter-op thread.
-ONNX Runtime variants: basic against all graph optimizations, one or two
-intra-op threads, and mmdx's split of each batch into one part per core
+ONNX Runtime variants: basic against all graph optimizations, all of them
+but the two batch-norm folds mmdx leaves out
+(:data:`mmdx.embed.engines.ONNX_DISABLED_OPTIMIZERS`), one or two intra-op
+threads, and mmdx's split of each batch into one part per core
 (:func:`mmdx.embed.engines.onnx_runner`), at batch sizes 16, 32 and 64.
-Each thread setting of TensorFlow needs its own process. Within a process,
-the variants are interleaved over the repeats and the median is reported,
-with each variant's largest absolute difference from ``predict_on_batch``.
+Where installed, OpenVINO (float32 precision hint) and TensorFlow Lite with
+XNNPACK run the same graph on one thread. Each engine family runs in its own
+process. Within a process, the variants are interleaved over the repeats
+and the median is reported, with each variant's largest absolute difference
+from ``predict_on_batch``.
 
 Usage::
 
     python benchmarks/bench_image_engines.py --images 256 --repeats 3 --record
+    python benchmarks/bench_image_engines.py --source brain-mri --images 1024 --repeats 2
 """
 
 from __future__ import annotations
@@ -66,14 +74,31 @@ def time_variants(variants: dict, data: np.ndarray, batch_sizes: list[int], repe
     ]
 
 
-def child(kind: str, n_images: int, repeats: int) -> list[dict]:
+def load_inputs(source: str, n_images: int) -> np.ndarray:
+    """Return ``n_images`` network inputs: random values, or brain-mri slices prepared as the Keras pipeline does."""
+    if source == "random":
+        return np.random.default_rng(0).uniform(-1.0, 1.0, (n_images, IMAGE_SIZE, IMAGE_SIZE, 3)).astype(np.float32)
+    import tensorflow as tf
+    from keras.applications import mobilenet_v2
+
+    files = sorted((benchlib.DATA / "brain-mri-4class").rglob("*.jpg"))
+    chosen = files[:: max(1, len(files) // n_images)][:n_images]
+    images = [
+        tf.image.resize(tf.io.decode_image(tf.io.read_file(str(path)), channels=3, expand_animations=False), (IMAGE_SIZE, IMAGE_SIZE))
+        for path in chosen
+    ]
+    return mobilenet_v2.preprocess_input(np.stack([image.numpy() for image in images])).astype(np.float32)
+
+
+def child(kind: str, n_images: int, repeats: int, source: str) -> list[dict]:
     import tensorflow as tf
 
     if kind == "keras-1-thread":
         tf.config.threading.set_intra_op_parallelism_threads(1)
         tf.config.threading.set_inter_op_parallelism_threads(1)
     model = build_model()
-    data = np.random.default_rng(0).uniform(-1.0, 1.0, (n_images, IMAGE_SIZE, IMAGE_SIZE, 3)).astype(np.float32)
+    data = load_inputs(source, n_images)
+    n_images = len(data)
     reference = np.concatenate([model.predict_on_batch(data[i : i + 32]) for i in range(0, n_images, 32)])
 
     if kind.startswith("keras"):
@@ -88,19 +113,25 @@ def child(kind: str, n_images: int, repeats: int) -> list[dict]:
         }
         return time_variants(variants, data, [32], repeats, reference)
 
-    import onnxruntime as ort
-
-    from mmdx.embed.engines import available_cpus, onnx_model_bytes, onnx_runner
+    from mmdx.embed.engines import ONNX_DISABLED_OPTIMIZERS, available_cpus, onnx_model_bytes, onnx_runner
 
     model_bytes = onnx_model_bytes(model)
+    if kind == "openvino":
+        return openvino_variants(model_bytes, data, repeats, reference)
+    if kind == "tflite":
+        return tflite_variants(model, data, repeats, reference)
 
-    def session_runner(level, threads: int):
+    import onnxruntime as ort
+
+    def session_runner(level, threads: int, disabled=()):
         options = ort.SessionOptions()
         options.graph_optimization_level = level
         options.inter_op_num_threads = 1
         options.intra_op_num_threads = threads
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        session = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(
+            model_bytes, options, providers=["CPUExecutionProvider"], disabled_optimizers=list(disabled)
+        )
         name = session.get_inputs()[0].name
         return lambda batch: session.run(None, {name: batch})[0]
 
@@ -108,16 +139,55 @@ def child(kind: str, n_images: int, repeats: int) -> list[dict]:
     variants = {
         "onnx basic optimizations, 2 threads": session_runner(basic, 2),
         "onnx all optimizations, 1 thread": session_runner(full, 1),
+        "onnx all but the batch-norm folds, 1 thread": session_runner(full, 1, ONNX_DISABLED_OPTIMIZERS),
         "onnx all optimizations, 2 intra-op threads": session_runner(full, 2),
-        f"onnx all optimizations, batch split in {available_cpus()} (mmdx)": onnx_runner(model_bytes),
+        f"onnx all but the batch-norm folds, batch split in {available_cpus()} (mmdx)": onnx_runner(model_bytes),
     }
     return time_variants(variants, data, [16, 32, 64], repeats, reference)
+
+
+def openvino_variants(model_bytes: bytes, data: np.ndarray, repeats: int, reference: np.ndarray) -> list[dict]:
+    """Time OpenVINO on the converted ONNX graph (float32, one stream per hint), or return no rows if absent."""
+    try:
+        import openvino
+    except ImportError:
+        print("openvino not installed (pip install openvino); its rows are left out", file=sys.stderr)
+        return []
+    core = openvino.Core()
+    with tempfile.TemporaryDirectory(prefix="mmdx-bench-openvino-") as folder:
+        path = Path(folder) / "model.onnx"
+        path.write_bytes(model_bytes)
+        variants = {}
+        for hint in ("LATENCY", "THROUGHPUT"):
+            compiled = core.compile_model(str(path), "CPU", {"PERFORMANCE_HINT": hint, "INFERENCE_PRECISION_HINT": "f32"})
+            request = compiled.create_infer_request()
+            variants[f"openvino f32, {hint.lower()} hint"] = lambda batch, request=request: request.infer({0: batch})[0].copy()
+        return time_variants(variants, data, [16], repeats, reference)
+
+
+def tflite_variants(model, data: np.ndarray, repeats: int, reference: np.ndarray) -> list[dict]:
+    """Time TensorFlow Lite (XNNPACK delegate, one thread) on the Keras model converted in memory."""
+    import tensorflow as tf
+
+    interpreter = tf.lite.Interpreter(model_content=tf.lite.TFLiteConverter.from_keras_model(model).convert(), num_threads=1)
+    input_index = interpreter.get_input_details()[0]["index"]
+    output_index = interpreter.get_output_details()[0]["index"]
+
+    def run(batch: np.ndarray) -> np.ndarray:
+        interpreter.resize_tensor_input(input_index, list(batch.shape))
+        interpreter.allocate_tensors()
+        interpreter.set_tensor(input_index, batch)
+        interpreter.invoke()
+        return interpreter.get_tensor(output_index).copy()
+
+    return time_variants({"tflite xnnpack, 1 thread": run}, data, [16], repeats, reference)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=256, help="random images per timed pass")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--source", choices=["random", "brain-mri"], default="random", help="network inputs: random values or real slices")
     parser.add_argument("--record", action="store_true", help="write the section of docs/benchmarks.md")
     args = parser.parse_args()
 
@@ -125,8 +195,9 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="mmdx-bench-engines-") as temporary:
         env = {"MMDX_CACHE": temporary}
-        for kind in ("keras", "keras-1-thread", "onnx"):
-            run = benchlib.run_child([sys.executable, __file__, "child", kind, str(args.images), str(args.repeats)], env=env)
+        for kind in ("keras", "keras-1-thread", "onnx", "openvino", "tflite"):
+            argv = [sys.executable, __file__, "child", kind, str(args.images), str(args.repeats), args.source]
+            run = benchlib.run_child(argv, env=env)
             for entry in run.result["rows"]:
                 print(
                     f"{entry['variant']:55s} batch {entry['batch']:3d} {entry['rate']:7.1f} images/s "
@@ -140,7 +211,8 @@ def main() -> None:
     table = benchlib.markdown_table(["variant", "batch", "images/s", "CPU ms/image", "max abs diff vs predict_on_batch"], rows)
     body = (
         f"{header}\n"
-        f"Inference only, {args.images} random images per pass, median of {args.repeats} interleaved passes.\n\n{table}\n"
+        f"Inference only, {args.images} {'random images' if args.source == 'random' else 'brain-mri-4class slices'} per pass, "
+        f"median of {args.repeats} interleaved passes.\n\n{table}\n"
     )
     print()
     print(table)
@@ -151,6 +223,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "child":
-        benchlib.child_report({"rows": child(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))})
+        benchlib.child_report({"rows": child(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5])})
     else:
         main()
